@@ -1,0 +1,1 @@
+"""cim-jax: Correlational Image Modeling (CVPR 2023) in JAX/Flax."""

@@ -1,0 +1,57 @@
+"""Shared command-line handling: `--config=FILE --config.key=value --flag=value`.
+
+Config problems end the program with a one-line message and exit status 2, before any jax
+compilation, instead of a traceback (absl's config_flags raises deep inside flag parsing).
+"""
+
+import sys
+
+import ml_collections
+
+from cim_jax import config_validation
+
+
+def parse(argv: list[str], *, default_config: str, flags: dict[str, str] | None = None,
+          validate: bool = True) -> tuple[ml_collections.ConfigDict, dict[str, str]]:
+  """Returns (config, flags) from argv; flags maps each `--name=value` to its string value."""
+  flags = dict(flags or {})
+  config_path = default_config
+  overrides = []
+  for arg in argv:
+    if not arg.startswith("--") or "=" not in arg:
+      raise config_validation.ConfigError(f"arguments look like --name=value, got {arg!r}")
+    name, value = arg[2:].split("=", 1)
+    if name == "config":
+      config_path = value
+    elif name.startswith("config."):
+      overrides.append((name[len("config."):], value))
+    elif name in flags:
+      flags[name] = value
+    else:
+      known = ", ".join(["--config", "--config.<key>"] + [f"--{f}" for f in flags])
+      raise config_validation.ConfigError(f"unknown flag --{name}; known flags: {known}")
+  config = config_validation.load_config_file(config_path)
+  for key, value in overrides:
+    config_validation.apply_override(config, key, value)
+  if validate:
+    config_validation.validate(config)
+  return config, flags
+
+
+def parse_or_exit(argv, **kwargs):
+  """`parse`, printing a ConfigError as one line and exiting with status 2."""
+  if any(a in ("-h", "--help") for a in argv):
+    print(f"usage: python -m {kwargs.get('prog', 'cim_jax...')} --config=FILE "
+          "[--config.key=value ...] " + " ".join(f"[--{f}=...]" for f in kwargs.get("flags", {})))
+    sys.exit(0)
+  kwargs.pop("prog", None)
+  return exit_on_config_error(parse, argv, **kwargs)
+
+
+def exit_on_config_error(fn, *args, **kwargs):
+  """Calls fn, turning a ConfigError into a one-line message and exit status 2."""
+  try:
+    return fn(*args, **kwargs)
+  except config_validation.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,145 @@
+"""The one schema of every CIM config: defaults from DESIGN.md, presets per ViT size.
+
+`configs/*.py` call `pretrain_config(...)`; every key a user may override lives here, so a
+misspelt override can be caught against this schema (see `config_validation`).
+"""
+
+import ml_collections
+
+# Encoder sizes are decoded from `model.variant` ("B/16"); these are the pre-training presets.
+PRESETS = {
+    "tiny": dict(variant="Ti/16", batch_size=4096, epochs=300, warmup_epochs=40),
+    "small": dict(variant="S/16", batch_size=4096, epochs=300, warmup_epochs=40),
+    "base": dict(variant="B/16", batch_size=4096, epochs=300, warmup_epochs=40),
+    "large": dict(variant="L/16", batch_size=4096, epochs=300, warmup_epochs=40, fsdp=8, remat=True),
+    # Patch 14: sizes keep the token grids of the /16 models (search 14x14, context 10x10,
+    # exemplar 4x4), so the decoder's 10x10 position table and the pretext stay the same.
+    "huge": dict(variant="H/14", batch_size=4096, epochs=300, warmup_epochs=40, fsdp=8, remat=True,
+                 search_size=196, context_size=140, exemplar_size=56),
+}
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """Source and pair-generation settings (DESIGN.md section 1)."""
+  d = ml_collections.ConfigDict()
+  # Source: "embedded" (photos shipped in scikit-image / scikit-learn), "imagefolder", "tfds".
+  d.source = "embedded"
+  d.root = ""  # ImageFolder root (root/<class>/<image>)
+  d.tfds_name = "imagenet2012"
+  d.tfds_split = "train"
+  d.tfds_data_dir = ""  # "" -> TFDS default
+  d.heldout_root = ""  # ImageFolder for the held-out pairs (pretext IoU) when source="imagefolder"
+  d.tfds_heldout_split = "validation"  # TFDS split for the held-out pairs when source="tfds"
+  d.num_images = 0  # >0: use only the first num_images records (debugging / demo)
+  d.min_image_size = 16  # records whose shorter side is smaller are skipped (no usable crops)
+  # Search image: RandomResizedCrop + horizontal flip.
+  d.search_size = 224
+  d.search_scale = (0.5, 1.0)
+  d.search_ratio = (3.0 / 4.0, 4.0 / 3.0)
+  d.search_flip_prob = 0.5
+  # Context: the whole search image resized, no colour augmentation.
+  d.context_size = 160
+  # Exemplars cut from the search image.
+  d.num_exemplars = 6
+  d.exemplar_size = 64
+  d.exemplar_scale = (0.05, 0.48)  # area as a fraction of the search image's area
+  d.exemplar_ratio = (1.0 / 3.0, 3.0)  # aspect ratio, sampled log-uniformly
+  d.exemplar_rotation = 45.0  # degrees, U(-r, r) about the box centre
+  # Exemplar-only photometric augmentation.
+  d.color_jitter_prob = 0.8
+  d.brightness = 0.4
+  d.contrast = 0.4
+  d.saturation = 0.2
+  d.hue = 0.1
+  d.grayscale_prob = 0.2
+  d.blur_prob = 0.5
+  d.blur_sigma = (0.1, 2.0)
+  d.solarize_prob = 0.2
+  d.exemplar_flip_prob = 0.5  # applied after the label is fixed
+  # Loader.
+  d.num_workers = 0  # grain worker processes; 0 = in-process
+  d.worker_buffer_size = 2
+  d.shuffle = True
+  return d
+
+
+def model_config(variant: str = "B/16") -> ml_collections.ConfigDict:
+  """Encoder, correlation decoder and loss settings (DESIGN.md section 2)."""
+  m = ml_collections.ConfigDict()
+  m.variant = variant
+  m.mlp_ratio = 4.0
+  m.pos_embed_grid = 14  # the sin-cos table is built for 14x14 and resampled to the input grid
+  m.freeze_patch_embed = True
+  m.drop_path_rate = 0.0
+  m.dtype = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32
+  m.remat = False  # activation rematerialisation of encoder blocks (L/H)
+  m.decoder_dim = 512
+  m.decoder_heads = 16
+  m.decoder_mlp_ratio = 4.0
+  m.corr_loss_weight = 1.0  # sigma_corr
+  m.global_loss_weight = 0.0  # sigma_cont; 0 in the released recipe
+  m.projector_hidden_dim = 4096
+  m.projector_dim = 256
+  m.global_temperature = 0.2
+  return m
+
+
+def pretrain_config(preset: str = "base") -> ml_collections.ConfigDict:
+  """The CIM pre-training recipe (DESIGN.md section 3) for one ViT size."""
+  p = PRESETS[preset]
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = p["batch_size"]  # global, over all processes and devices
+  c.num_epochs = float(p["epochs"])
+  c.num_train_steps = -1  # >0 overrides num_epochs
+  c.steps_per_epoch = -1  # >0 overrides len(source) // batch_size (for sources of unknown size)
+  c.data = data_config()
+  for key in ("search_size", "context_size", "exemplar_size"):
+    if key in p:
+      c.data[key] = p[key]
+  c.model = model_config(p["variant"])
+  c.model.remat = p.get("remat", False)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.base_lr = 1.5e-4  # lr = base_lr * batch_size / 256
+  c.optim.min_lr = 0.0
+  c.optim.warmup_epochs = float(p["warmup_epochs"])
+  c.optim.warmup_steps = -1  # >=0 overrides warmup_epochs
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.weight_decay = 0.05
+  # Parameters exempt from weight decay: "1d" (biases, norm scales/offsets: the authors' set)
+  # or "1d+tokens" (also cls token and position tables).
+  c.optim.wd_exempt = "1d"
+  c.optim.grad_clip_norm = 1.0  # 0 disables
+  c.optim.accum_steps = 1  # gradient accumulation (optimizer steps every accum_steps batches)
+
+  c.ema = ml_collections.ConfigDict()
+  c.ema.momentum_start = 0.99
+  c.ema.momentum_end = 1.0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.fsdp = p.get("fsdp", 1)  # parameter / optimizer sharding axis size; data axis = rest
+
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.init_from = ""  # warm start: a work dir of this project or an authors' .pth checkpoint
+  c.progress_bar = True
+
+  # End-of-run evaluation (used by the demo; off for real runs).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.pretext_iou = False
+  c.eval.knn = False
+  c.eval.visualize = False
+  c.eval.num_heldout_pairs = 64
+  c.eval.knn_k = 20
+  c.eval.knn_temperature = 0.07
+  # Evaluation entry points (cim_jax/evaluate): what to evaluate and on which labelled images.
+  c.checkpoint = ""  # a work dir of this project or an authors' .pth; "" = random init
+  c.eval.labelled_source = "digits"  # data.sources.embedded_labelled: "digits" or "lfw"
+  c.eval.feature_pool = "cls"  # kNN / linear-probe features: "cls" token or "mean" of patches
+  c.eval.image_size = 64  # labelled images are resized to this (a multiple of the patch size)
+  c.eval.batch_size = 256
+  c.eval.output_dir = ""  # PNGs of the visualisation entry point ("" -> checkpoint dir)
+  return c

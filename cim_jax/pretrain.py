@@ -1,0 +1,40 @@
+"""CIM pre-training entry point: flags -> config -> trainer.
+
+python -m cim_jax.pretrain --config=configs/cim_vit_base.py --workdir=DIR [--config.key=value ...]
+
+A restart with the same --workdir resumes from its last checkpoint.
+"""
+
+import sys
+
+from absl import logging
+
+from cim_jax import cli
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  # Validation needs the device count, which multi-host runs only know after
+  # jax.distributed.initialize(): parse first, initialise, then validate.
+  config, flags = cli.parse_or_exit(
+      argv, default_config="configs/cim_vit_base.py", flags={"workdir": ""},
+      validate=False, prog="cim_jax.pretrain")
+  if not flags["workdir"]:
+    print("error: --workdir=DIR is required (checkpoints, logs and the report go there)",
+          file=sys.stderr)
+    sys.exit(2)
+  from cim_jax import sharding  # pylint: disable=g-import-not-at-top
+  sharding.maybe_initialize_distributed()
+  cli.exit_on_config_error(cli.config_validation.validate, config)
+
+  logging.set_verbosity(logging.INFO)
+  from cim_jax.train import loop  # pylint: disable=g-import-not-at-top
+  result = loop.train_and_evaluate(config, flags["workdir"])
+
+  if config.eval.pretext_iou or config.eval.knn or config.eval.visualize:
+    from cim_jax.evaluate import report  # pylint: disable=g-import-not-at-top
+    report.run(config, flags["workdir"], result)
+
+
+if __name__ == "__main__":
+  main()

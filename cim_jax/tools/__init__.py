@@ -1,0 +1,1 @@
+"""Command-line tools: memory sizing of a config and mesh."""

@@ -1,0 +1,10 @@
+"""CIM pre-training of ViT-Tiny: the recipe of DESIGN.md section 3.
+
+python -m cim_jax.pretrain --config=configs/cim_vit_tiny.py --workdir=DIR [--config.key=value ...]
+"""
+
+from cim_jax import config_defaults
+
+
+def get_config():
+  return config_defaults.pretrain_config("tiny")

@@ -1,0 +1,28 @@
+"""The README's main job: CIM pre-training of a ViT-Tiny on the embedded photos, on CPU.
+
+Full pipeline of DESIGN.md (160x160 context, 6 rotated and augmented 64x64 exemplars, exact
+masks, EMA target, correlation decoder, cross-entropy loss) at a scale that finishes in a few
+minutes on 2 CPU cores, then the end-of-run report: correlation-map PNG, pretext IoU before
+vs after, kNN accuracy of the pretrained vs a randomly initialised encoder.
+"""
+
+from cim_jax import config_defaults
+
+
+def get_config():
+  config = config_defaults.pretrain_config("tiny")
+  config.batch_size = 32
+  config.num_train_steps = 300
+  # A short run needs a larger learning rate than the 300-epoch recipe (1.5e-4 * 32/256).
+  config.optim.base_lr = 1.5e-3
+  config.optim.warmup_steps = 30
+  config.data.source = "embedded"
+  config.data.num_workers = 0
+  config.log_every_steps = 10
+  config.checkpoint_every_steps = 100
+  config.keep_checkpoints = 2
+  config.eval.pretext_iou = True
+  config.eval.knn = True
+  config.eval.visualize = True
+  config.eval.num_heldout_pairs = 64
+  return config
