@@ -142,4 +142,82 @@ def pretrain_config(preset: str = "base") -> ml_collections.ConfigDict:
   c.eval.image_size = 64  # labelled images are resized to this (a multiple of the patch size)
   c.eval.batch_size = 256
   c.eval.output_dir = ""  # PNGs of the visualisation entry point ("" -> checkpoint dir)
+  # Linear probe (MAE recipe: LARS, lr = base_lr * batch / 256, warm-up + cosine, no decay).
+  c.eval.probe_optimizer = "lars"  # "lars" | "sgd" | "adamw"
+  c.eval.probe_base_lr = 0.1
+  c.eval.probe_epochs = 90
+  c.eval.probe_warmup_epochs = 10
+  c.eval.probe_batch_size = 16384  # capped at the labelled training-set size
+  c.eval.probe_weight_decay = 0.0
+  return c
+
+
+# Fine-tuning epochs and layer-wise lr decay per size (DESIGN.md section 3; 0.8 is the
+# authors' release script for B, 0.75 the default elsewhere).
+FINETUNE_PRESETS = {
+    "tiny": dict(epochs=200, layer_decay=0.75),
+    "small": dict(epochs=200, layer_decay=0.75),
+    "base": dict(epochs=100, layer_decay=0.8),
+    "large": dict(epochs=50, layer_decay=0.75),
+    "huge": dict(epochs=50, layer_decay=0.75),
+}
+
+
+def finetune_config(preset: str = "base") -> ml_collections.ConfigDict:
+  """The supervised fine-tuning recipe (DESIGN.md section 3) for one ViT size."""
+  p, f = PRESETS[preset], FINETUNE_PRESETS[preset]
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 1024  # global
+  c.num_epochs = float(f["epochs"])
+  c.num_train_steps = -1  # >0 overrides num_epochs
+  c.steps_per_epoch = -1  # >0 overrides len(train set) // batch_size
+  c.init_from = ""  # pre-trained CIM work dir or authors' .pth; "" = from scratch
+  c.model = model_config(p["variant"])
+  c.model.drop_path_rate = 0.1
+  c.model.remat = p.get("remat", False)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "embedded"  # "embedded" (data.sources.embedded_labelled) or "imagefolder"
+  c.data.labelled_source = "digits"  # embedded set: "digits" or "lfw"
+  c.data.root = ""  # ImageFolder train root (root/<class>/<image>)
+  c.data.eval_root = ""  # ImageFolder evaluation root (same class folders)
+  c.data.num_classes = 0  # 0 = the number of classes in the training data; else must match it
+  c.data.image_size = 224
+  c.data.crop_scale = (0.08, 1.0)  # RandomResizedCrop
+  c.data.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
+  c.data.flip_prob = 0.5
+  c.data.randaug_num_ops = 2  # timm 'rand-m9-mstd0.5-inc1'; 0 disables RandAugment
+  c.data.randaug_magnitude = 9.0
+  c.data.randaug_magnitude_std = 0.5
+  c.data.random_erase_prob = 0.25
+  c.data.eval_crop_pct = 0.95  # eval: resize to image_size / crop_pct, centre crop
+  c.data.eval_batch_size = 256
+  c.data.num_workers = 0
+  c.data.worker_buffer_size = 2
+
+  c.mixup = ml_collections.ConfigDict()
+  c.mixup.mixup_alpha = 0.8
+  c.mixup.cutmix_alpha = 1.0
+  c.mixup.prob = 1.0
+  c.mixup.switch_prob = 0.5
+  c.mixup.label_smoothing = 0.1
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.base_lr = 1.2e-3  # lr = base_lr * batch_size / 256
+  c.optim.min_lr = 1e-6
+  c.optim.warmup_epochs = 5.0
+  c.optim.warmup_steps = -1  # >=0 overrides warmup_epochs
+  c.optim.layer_decay = f["layer_decay"]
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.weight_decay = 0.05
+  c.optim.wd_exempt = "1d"  # as in pre-training
+  c.optim.grad_clip_norm = 0.0  # 0 disables (the MAE / CIM fine-tuning recipe does not clip)
+
+  c.log_every_steps = 50
+  c.eval_every_steps = -1  # -1: once per epoch (and at the end)
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.progress_bar = True
   return c
