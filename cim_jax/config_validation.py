@@ -164,7 +164,18 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
   for key in ("search_flip_prob", "color_jitter_prob", "grayscale_prob", "blur_prob",
               "solarize_prob", "exemplar_flip_prob"):
     _check(0.0 <= d[key] <= 1.0, f"config.data.{key}={d[key]} must be a probability in [0, 1]")
+  _check(d.min_image_size >= 1, f"config.data.min_image_size={d.min_image_size} must be >= 1")
   _check(d.num_workers >= 0, f"config.data.num_workers={d.num_workers} must be >= 0")
   _check(m.decoder_dim % m.decoder_heads == 0,
          f"config.model.decoder_dim={m.decoder_dim} is not divisible by config.model.decoder_heads="
          f"{m.decoder_heads}")
+
+
+def validate_pretraining(config: ml_collections.ConfigDict) -> None:
+  """`validate` plus what the end-of-run report of a pre-training run needs."""
+  validate(config)
+  _check(not (config.data.source == "imagefolder"
+              and (config.eval.pretext_iou or config.eval.visualize)
+              and not config.data.heldout_root),
+         "config.data.heldout_root must name held-out ImageFolder images when "
+         "config.eval.pretext_iou or config.eval.visualize is on")

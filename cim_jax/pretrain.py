@@ -10,6 +10,7 @@ import sys
 from absl import logging
 
 from cim_jax import cli
+from cim_jax import config_validation
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(2)
   from cim_jax import sharding  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed()
-  cli.exit_on_config_error(cli.config_validation.validate, config)
+  cli.exit_on_config_error(config_validation.validate_pretraining, config)
 
   logging.set_verbosity(logging.INFO)
   from cim_jax.train import loop  # pylint: disable=g-import-not-at-top
