@@ -5,12 +5,18 @@ python -m cim_jax.pretrain --config=configs/cim_vit_base.py --workdir=DIR [--con
 A restart with the same --workdir resumes from its last checkpoint.
 """
 
+import logging
 import sys
-
-from absl import logging
 
 from cim_jax import cli
 from cim_jax import config_validation
+
+
+def _configure_logging() -> None:
+  """Our INFO lines on stderr; the libraries' absl INFO chatter (orbax, grain) only as warnings."""
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      datefmt="%H:%M:%S")
+  logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
   sharding.maybe_initialize_distributed()
   cli.exit_on_config_error(config_validation.validate_pretraining, config)
 
-  logging.set_verbosity(logging.INFO)
+  _configure_logging()
   from cim_jax.train import loop  # pylint: disable=g-import-not-at-top
   result = loop.train_and_evaluate(config, flags["workdir"])
 

@@ -1,0 +1,177 @@
+"""Per-device memory of one CIM train step for a config and mesh, without running a step.
+
+python -m cim_jax.tools.memory --config=configs/cim_vit_base.py [--config.key=value ...]
+    [--devices=N] [--json=true]
+
+The trainer's own step is compiled for abstract inputs (shapes and shardings only), and XLA's
+`compile().memory_analysis()` gives the step's buffers per device. The state is split into
+params, optimizer state and EMA target from the shardings the trainer uses. Run it on the target
+accelerator for its numbers; on CPU `--devices=N` lays out N host devices (a pod's mesh) and gives
+the CPU compiler's estimate, whose temporaries (activations) can differ from TPU/GPU.
+"""
+
+import dataclasses
+import json
+import sys
+
+import ml_collections
+
+from cim_jax import cli
+
+FLAGS = {"devices": "0", "json": "false"}
+GIB = 1024**3
+
+
+@dataclasses.dataclass
+class MemoryReport:
+  """Bytes per device; state parts from the shardings, the rest from XLA's memory analysis."""
+  devices: int
+  mesh: dict
+  per_device_batch: int
+  num_params: int  # online parameters, whole (encoder + decoder [+ global-loss heads])
+  params: int
+  optimizer: int
+  target: int
+  model_state: int
+  batch: int
+  arguments: int  # XLA: every input buffer (state + batch + rng)
+  outputs: int
+  aliased: int  # outputs written into donated inputs (the updated state)
+  temp: int  # XLA: activations, gradients and other temporaries of the step
+  generated_code: int
+  peak: int  # XLA's own peak where the backend reports it (CPU's leaves out temporaries)
+
+  @property
+  def total(self) -> int:
+    """What one device must hold during the step: inputs, new outputs, temporaries, code."""
+    return self.arguments + self.outputs - self.aliased + self.temp + self.generated_code
+
+
+def _per_device_bytes(tree) -> int:
+  """Bytes one device holds of a pytree of ShapeDtypeStructs with (Named)shardings."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shard_shape = leaf.sharding.shard_shape(leaf.shape)
+    total += int(np.prod(shard_shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def _abstract_step(config: ml_collections.ConfigDict):
+  """The trainer's jitted step and abstract (shape + sharding) arguments, as loop.train builds them."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from cim_jax import sharding  # pylint: disable=g-import-not-at-top
+  from cim_jax.models import cim  # pylint: disable=g-import-not-at-top
+  from cim_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from cim_jax.train import schedules  # pylint: disable=g-import-not-at-top
+  from cim_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from cim_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+
+  mesh = sharding.make_mesh(config.mesh.fsdp)
+  model = cim.build_model(config.model, config.data)
+  # Schedules change constants, not buffers: any data set size gives the same memory.
+  counts = schedules.step_counts(config, num_examples=config.batch_size)
+  init_rng = jax.random.PRNGKey(config.seed)
+  example = state_lib.dummy_batch(config.data, batch_size=1)
+  abstract_params, _ = jax.eval_shape(
+      lambda rng, batch: state_lib.init_variables(model, rng, batch), init_rng, example)
+  to_bool = lambda tree: jax.tree.map(bool, tree)
+  frozen_mask = to_bool(model.frozen_mask(abstract_params))
+  decay_mask = to_bool(model.weight_decay_mask(abstract_params, config.optim.wd_exempt))
+  tx, lr_schedule = optimizer_lib.build_optimizer(config, frozen_mask, decay_mask, counts)
+  momentum_schedule = schedules.ema_momentum(config.ema.momentum_start, config.ema.momentum_end,
+                                             counts.optimizer_steps)
+  abstract_state = jax.eval_shape(
+      lambda rng, batch: state_lib.init_train_state(model, tx, rng, batch), init_rng, example)
+  state_shardings = sharding.state_shardings(mesh, abstract_state)
+  batch_sharding = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+
+  with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  state = jax.tree.map(with_sharding, abstract_state, state_shardings)
+  batch = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype,
+                                   sharding=batch_sharding) for k, v in example.items()}
+  rng = with_sharding(jax.eval_shape(lambda: init_rng), replicated)
+  train_step = step_lib.compile_train_step(
+      step_lib.make_train_step(model, tx, lr_schedule, momentum_schedule, counts.accum_steps,
+                               frozen_mask),
+      state_shardings, batch_sharding, replicated)
+  return train_step, state, batch, rng, mesh
+
+
+def measure(config: ml_collections.ConfigDict) -> MemoryReport:
+  """Compiles (does not run) the train step for `config` on the current devices."""
+  import jax  # pylint: disable=g-import-not-at-top
+  train_step, state, batch, rng, mesh = _abstract_step(config)
+  stats = train_step.lower(state, batch, rng).compile().memory_analysis()
+  if stats is None:
+    raise RuntimeError(f"the {jax.default_backend()} backend reports no memory analysis")
+  return MemoryReport(
+      devices=jax.device_count(), mesh=dict(mesh.shape),
+      per_device_batch=config.batch_size // jax.device_count(),
+      num_params=sum(int(x.size) for x in jax.tree.leaves(state.params)),
+      params=_per_device_bytes(state.params), optimizer=_per_device_bytes(state.opt_state),
+      target=_per_device_bytes(state.target_params),
+      model_state=_per_device_bytes(state.model_state), batch=_per_device_bytes(batch),
+      arguments=stats.argument_size_in_bytes, outputs=stats.output_size_in_bytes,
+      aliased=stats.alias_size_in_bytes, temp=stats.temp_size_in_bytes,
+      generated_code=stats.generated_code_size_in_bytes,
+      peak=int(getattr(stats, "peak_memory_in_bytes", 0) or 0))
+
+
+def format_report(report: MemoryReport, config: ml_collections.ConfigDict, backend: str) -> str:
+  """A small table in GiB per device."""
+  mesh = " x ".join(f"{k}={v}" for k, v in report.mesh.items())
+  rows = [
+      ("params (online)", report.params),
+      ("optimizer state", report.optimizer),
+      ("EMA target", report.target),
+      ("model state (BatchNorm)", report.model_state),
+      ("input batch", report.batch),
+      ("activations / temporaries", report.temp),
+      ("new state not written in place", report.outputs - report.aliased),
+      ("total during the step", report.total),
+  ]
+  lines = [f"{config.model.variant}  batch {config.batch_size} ({report.per_device_batch} per "
+           f"device)  dtype {config.model.dtype}  remat {config.model.remat}  accum "
+           f"{config.optim.accum_steps}  ({report.num_params / 1e6:.1f}M online parameters)",
+           f"{report.devices} {backend} devices, mesh {mesh}; per device:"]
+  lines += [f"  {name:<32}{value / GIB:9.3f} GiB" for name, value in rows]
+  if report.peak and backend != "cpu":
+    lines.append(f"  {'XLA-reported peak':<32}{report.peak / GIB:9.3f} GiB")
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  config, flags = cli.parse_or_exit(argv, default_config="configs/cim_vit_base.py", flags=FLAGS,
+                                    validate=False, prog="cim_jax.tools.memory")
+  try:
+    devices = int(flags["devices"])
+  except ValueError:
+    devices = -1
+  if devices < 0:
+    cli.exit_on_config_error(_fail, f"--devices={flags['devices']} must be a number >= 0")
+  if flags["json"] not in ("true", "false"):
+    cli.exit_on_config_error(_fail, f"--json={flags['json']} must be true or false")
+  import jax  # pylint: disable=g-import-not-at-top
+  if devices:  # must precede the first use of the CPU backend
+    jax.config.update("jax_num_cpu_devices", devices)
+    if jax.default_backend() != "cpu":
+      cli.exit_on_config_error(_fail, "--devices only applies to CPU; on an accelerator the "
+                               "mesh is the devices present")
+  cli.exit_on_config_error(cli.config_validation.validate, config)
+  report = measure(config)
+  if flags["json"] == "true":
+    print(json.dumps(dict(dataclasses.asdict(report), total=report.total)))
+  else:
+    print(format_report(report, config, jax.default_backend()))
+
+
+def _fail(message: str):
+  raise cli.config_validation.ConfigError(message)
+
+
+if __name__ == "__main__":
+  main()
