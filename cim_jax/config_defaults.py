@@ -73,6 +73,9 @@ def model_config(variant: str = "B/16") -> ml_collections.ConfigDict:
   m.drop_path_rate = 0.0
   m.dtype = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32
   m.remat = False  # activation rematerialisation of encoder blocks (L/H)
+  # jax.nn.dot_product_attention implementation: "" (JAX's choice, XLA), "xla", or "cudnn"
+  # (fused kernel on NVIDIA GPUs, bfloat16/float16 compute only).
+  m.attention_impl = ""
   m.decoder_dim = 512
   m.decoder_heads = 16
   m.decoder_mlp_ratio = 4.0
@@ -142,12 +145,15 @@ def pretrain_config(preset: str = "base") -> ml_collections.ConfigDict:
   c.eval.image_size = 64  # labelled images are resized to this (a multiple of the patch size)
   c.eval.batch_size = 256
   c.eval.output_dir = ""  # PNGs of the visualisation entry point ("" -> checkpoint dir)
-  # Linear probe (MAE recipe: LARS, lr = base_lr * batch / 256, warm-up + cosine, no decay).
-  c.eval.probe_optimizer = "lars"  # "lars" | "sgd" | "adamw"
+  # Linear probe on standardised frozen features: lr = base_lr * batch / 256, warm-up + cosine.
+  # "lars" with batch 16384 is MAE's ImageNet recipe; LARS's trust ratio (coefficient 1e-3)
+  # moves the weights by ~lr * 1e-3 of their norm per step, so it needs thousands of steps and
+  # does not learn on the small embedded sets: SGD with momentum is the default.
+  c.eval.probe_optimizer = "sgd"  # "sgd" | "lars" | "adamw"
   c.eval.probe_base_lr = 0.1
   c.eval.probe_epochs = 90
   c.eval.probe_warmup_epochs = 10
-  c.eval.probe_batch_size = 16384  # capped at the labelled training-set size
+  c.eval.probe_batch_size = 256  # capped at the labelled training-set size
   c.eval.probe_weight_decay = 0.0
   return c
 

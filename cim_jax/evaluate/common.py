@@ -1,0 +1,187 @@
+"""Pieces shared by the evaluation protocols: labelled data, encoder building and loading, flags."""
+
+import dataclasses
+import os
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from PIL import Image
+
+
+def data_mesh() -> Mesh:
+  """A one-axis ('data',) mesh over every local device: evaluation needs no parameter sharding."""
+  return Mesh(np.asarray(jax.local_devices()), ("data",))
+
+
+@dataclasses.dataclass(frozen=True)
+class Labelled:
+  """A labelled image set: uint8 RGB images (n, H, W, 3) and int labels in [0, num_classes)."""
+  images: np.ndarray
+  labels: np.ndarray
+  num_classes: int
+  class_names: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if self.images.shape[0] != self.labels.shape[0]:
+      raise ValueError(f"{self.images.shape[0]} images but {self.labels.shape[0]} labels")
+    if self.labels.size and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
+      raise ValueError(f"labels span [{self.labels.min()}, {self.labels.max()}], outside the "
+                       f"{self.num_classes} classes")
+
+  def subset(self, index: np.ndarray) -> "Labelled":
+    """The examples at `index` (same classes)."""
+    return dataclasses.replace(self, images=self.images[index], labels=self.labels[index])
+
+
+def to_uint8_rgb(images: np.ndarray) -> np.ndarray:
+  """Grey (n, H, W) / (n, H, W, 1) or float images -> uint8 (n, H, W, 3)."""
+  images = np.asarray(images)
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise ValueError(f"images must be (n, H, W[, 1 or 3]), got shape {images.shape}")
+  if images.dtype != np.uint8:
+    # Floats are scaled by their own maximum (e.g. sklearn digits use 0..16) to fill 0..255.
+    hi = float(images.max()) or 1.0
+    scale = 255.0 if hi <= 1.0 else 255.0 / hi
+    images = np.clip(images.astype(np.float64) * scale + 0.5, 0, 255).astype(np.uint8)
+  if images.shape[-1] == 1:
+    images = np.repeat(images, 3, axis=-1)
+  return images
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+  """Host-side bicubic resize of a whole set to (n, size, size, 3) uint8."""
+  images = to_uint8_rgb(images)
+  if images.shape[1:3] == (size, size):
+    return images
+  return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC))
+                   for im in images])
+
+
+def stratified_split(data: Labelled, test_fraction: float, seed: int
+                     ) -> tuple[Labelled, Labelled]:
+  """Splits every class by `test_fraction` (seeded), so both halves see all classes."""
+  if not 0.0 < test_fraction < 1.0:
+    raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+  rng = np.random.default_rng(seed)
+  train_idx, test_idx = [], []
+  for label in range(data.num_classes):
+    members = rng.permutation(np.flatnonzero(data.labels == label))
+    num_test = int(round(len(members) * test_fraction))
+    test_idx.append(members[:num_test])
+    train_idx.append(members[num_test:])
+  return (data.subset(np.sort(np.concatenate(train_idx))),
+          data.subset(np.sort(np.concatenate(test_idx))))
+
+
+def as_labelled(source: Any) -> Labelled:
+  """Adapts what `data.sources.embedded_labelled` returns (an object or a tuple) to `Labelled`."""
+  if isinstance(source, Labelled):
+    return source
+  if isinstance(source, tuple):
+    images, labels = source[:2]
+  else:
+    images, labels = source.images, source.labels
+  labels = np.asarray(labels).astype(np.int32)
+  names = tuple(getattr(source, "class_names", ()) or ())
+  num_classes = int(getattr(source, "num_classes", 0) or len(names) or labels.max() + 1)
+  return Labelled(to_uint8_rgb(images), labels, num_classes, names)
+
+
+def labelled_splits(config) -> tuple[Labelled, Labelled]:
+  """The train / test halves of the config's embedded labelled set, at eval.image_size."""
+  from cim_jax.data import sources
+  name, size = config.eval.labelled_source, int(config.eval.image_size)
+  train = as_labelled(sources.embedded_labelled(name, "train", image_size=size))
+  test = as_labelled(sources.embedded_labelled(name, "test", image_size=size))
+  num_classes = max(train.num_classes, test.num_classes)
+  return (dataclasses.replace(train, num_classes=num_classes),
+          dataclasses.replace(test, num_classes=num_classes))
+
+
+def build_encoder(model_cfg, *, pool: str = "none", num_classes: int = 0, **overrides):
+  """The `VisionTransformer` of `model_cfg.variant` (pool 'none': all tokens, final-normed)."""
+  from cim_jax.models import vit
+  return vit.encoder_from_config(model_cfg, pool=pool, num_classes=num_classes, **overrides)
+
+
+def init_encoder_params(encoder, image_size: int, seed: int):
+  """Randomly initialised encoder parameters (the 'before pre-training' reference)."""
+  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  # jit: eager initialisation dispatches op by op and is many times slower on CPU.
+  return jax.jit(lambda rng: encoder.init(rng, dummy, train=False))(jax.random.key(seed))["params"]
+
+
+def load_checkpoint(config, checkpoint: str | None = None, model=None) -> dict:
+  """{'params', 'target_params'} of a work dir of this project or an authors' .pth file.
+
+  Raises a one-line error when the checkpoint's encoder is not `config.model.variant`.
+  """
+  checkpoint = checkpoint or config.checkpoint
+  if not checkpoint:
+    raise ValueError("no checkpoint given (set --config.checkpoint=WORKDIR_OR_PTH)")
+  if not os.path.exists(checkpoint):
+    raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
+  from cim_jax.models import cim
+  from cim_jax.train import checkpoint as ckpt
+  if model is None:
+    # Fine-tuning configs have no pair settings; the CIM model only needs them for shapes.
+    from cim_jax import config_defaults
+    data_cfg = config.data if "context_size" in config.data else config_defaults.data_config()
+    model = cim.build_model(config.model, data_cfg)
+  loaded = ckpt.load_warm_start(checkpoint, model, NamedSharding(data_mesh(), PartitionSpec()))
+  check_encoder_params(loaded["params"]["encoder"], config.model, checkpoint)
+  return loaded
+
+
+def load_encoder_params(config, checkpoint: str | None = None):
+  """Online-encoder parameters of a checkpoint (see `load_checkpoint`)."""
+  return load_checkpoint(config, checkpoint)["params"]["encoder"]
+
+
+def check_encoder_params(encoder_params, model_cfg, where: str = "checkpoint"):
+  """Raises a one-line error when parameters come from a different ViT variant than the config."""
+  from cim_jax.models import vit
+  spec = vit.decode_variant(model_cfg.variant)
+  depth = sum(1 for k in encoder_params if k.startswith("blocks_"))
+  kernel_shape = np.shape(encoder_params["patch_embed"]["kernel"])  # (p, p, 3, width)
+  found = dict(depth=depth, width=int(kernel_shape[-1]), patch_size=int(kernel_shape[0]))
+  wanted = {k: spec[k] for k in found}
+  if found != wanted:
+    raise ValueError(f"{where} holds a ViT with {_describe(found)}, but model.variant="
+                     f"{model_cfg.variant!r} needs {_describe(wanted)}")
+  return encoder_params
+
+
+def _describe(sizes: dict) -> str:
+  return ", ".join(f"{k} {v}" for k, v in sizes.items())
+
+
+def progress(iterable: Iterable, *, enabled: bool, desc: str = "", total: int | None = None
+             ) -> Iterable:
+  """`tqdm` around `iterable` when enabled (and only on the first process)."""
+  if not enabled or jax.process_index() != 0:
+    return iterable
+  from tqdm import tqdm
+  return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+def run(main: Callable, *, prog: str, default_config: str = "configs/cim_vit_tiny.py",
+        flags: dict[str, str] | None = None):
+  """Entry point in the style of pre-training: `--config=FILE --config.key=value [--flag=...]`.
+
+  Calls `main(config, **flags)`; config errors end the program with one line and status 2.
+  """
+  import sys
+  from cim_jax import cli
+  config, flag_values = cli.parse_or_exit(sys.argv[1:], default_config=default_config,
+                                          flags=dict(flags or {}), validate=False, prog=prog)
+  try:
+    return main(config, **flag_values)
+  except (ValueError, FileNotFoundError) as e:  # bad input: one line, not a traceback
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,72 @@
+"""End-of-run report of a pre-training run: pretext IoU before / after, kNN, PNGs (config.eval)."""
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+
+from cim_jax.evaluate import common, knn, pretext, visualize
+
+
+def evaluate_run(result) -> dict[str, Any]:
+  """`evaluate` callback of `loop.train_and_evaluate`: report on a `TrainResult`."""
+  state = result.state
+  return run(result.config, result.workdir, params=state.params,
+             target_params=state.target_params, model_state=state.model_state,
+             model=result.model)
+
+
+def run(config, workdir: str, result=None, *, params=None, target_params=None,
+        model_state=None, model=None) -> dict[str, Any]:
+  """Pretext IoU, correlation PNGs, training curves and kNN as `config.eval` asks.
+
+  The trained state comes from the arguments, a `TrainResult`, or else the work dir's latest
+  checkpoint. Writes `workdir/report.json` and returns the same dict.
+  """
+  if result is not None and hasattr(result, "state"):
+    return evaluate_run(result)
+  from cim_jax.models import cim
+  model = model or cim.build_model(config.model, config.data)
+  if params is None:
+    loaded = common.load_checkpoint(config, workdir, model=model)
+    params, target_params = loaded["params"], loaded["target_params"]
+  before = pretext.random_init_params(model, config.seed)
+  model_state = before[2] if model_state is None else model_state
+  report: dict[str, Any] = {}
+
+  if config.eval.pretext_iou or config.eval.visualize:
+    from cim_jax.data import pipeline
+    pairs = pipeline.heldout_pairs(config)
+    for name, (p, t, s) in (("before", before), ("after", (params, target_params, model_state))):
+      png = os.path.join(workdir, f"correlation_{name}.png") if config.eval.visualize else None
+      outcome = pretext.evaluate_pretext(model, p, t, s, pairs, png=png,
+                                         title=f"{name} pre-training")
+      report[f"pretext_iou/{name}"] = outcome["pretext_iou"]
+      if png:
+        report[f"png/correlation_{name}"] = png
+  if config.eval.visualize:
+    metrics_log = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(metrics_log):
+      report["png/training_curves"] = visualize.plot_training_curves(
+          metrics_log, os.path.join(workdir, "training_curves.png"))
+
+  if config.eval.knn:
+    train, test = common.labelled_splits(config)
+    kwargs = dict(ks=(int(config.eval.knn_k),), temperature=config.eval.knn_temperature,
+                  pool=config.eval.feature_pool, image_size=config.eval.image_size,
+                  batch_size=config.eval.batch_size, seed=config.seed)
+    encoder_params = jax.device_get(params["encoder"])
+    for name, encoder in (("pretrained", encoder_params), ("random_init", None)):
+      for key, value in knn.knn_accuracy(encoder, config.model, train, test, **kwargs).items():
+        report[f"knn/{name}/{key}"] = value
+
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+    for key, value in report.items():
+      line = f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}"
+      logging.info("report %s", line)
+      print(line)
+  return report

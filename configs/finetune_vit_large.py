@@ -1,0 +1,11 @@
+"""Supervised fine-tuning of a CIM-pretrained ViT-Large: the recipe of DESIGN.md section 3.
+
+python -m cim_jax.evaluate.finetune --config=configs/finetune_vit_large.py --workdir=DIR \
+    --config.init_from=PRETRAIN_WORKDIR_OR_PTH [--config.key=value ...]
+"""
+
+from cim_jax import config_defaults
+
+
+def get_config():
+  return config_defaults.finetune_config("large")
