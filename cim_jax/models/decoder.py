@@ -1,0 +1,114 @@
+"""Correlation decoder: context queries attend to exemplar tokens -> per-pixel 2-class logits."""
+
+import functools
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from cim_jax.models.vit import LAYERNORM_EPSILON, Mlp, dense_init, multi_head_attention
+from cim_jax.models.vit import sincos_pos_embed
+
+
+def align_corners_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) bilinear interpolation matrix with torch's align_corners=True semantics.
+
+  Output index i samples source i * (in - 1) / (out - 1), so the corner pixels of input and output
+  coincide (jax.image.resize is half-pixel, i.e. align_corners=False, hence this matrix).
+  """
+  if out_size == 1:
+    src = np.zeros(1)
+  else:
+    src = np.arange(out_size, dtype=np.float64) * (in_size - 1) / (out_size - 1)
+  low = np.clip(np.floor(src).astype(int), 0, in_size - 1)
+  high = np.minimum(low + 1, in_size - 1)
+  frac = src - low
+  matrix = np.zeros((out_size, in_size), np.float64)
+  np.add.at(matrix, (np.arange(out_size), low), 1.0 - frac)
+  np.add.at(matrix, (np.arange(out_size), high), frac)
+  return matrix
+
+
+def upsample_align_corners(maps, size: int):
+  """(..., h, w, c) -> (..., size, size, c), bilinear with align_corners=True, float32."""
+  rows = jnp.asarray(align_corners_matrix(maps.shape[-3], size), jnp.float32)
+  cols = jnp.asarray(align_corners_matrix(maps.shape[-2], size), jnp.float32)
+  return jnp.einsum("yi,...ijc,xj->...yxc", rows, maps.astype(jnp.float32), cols,
+                    precision="highest")
+
+
+class CrossAttention(nn.Module):
+  """Authors' `CrossAttention`: q from the context, kv (k rows first, then v) from exemplars."""
+  num_heads: int
+  dtype: Any = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, context, exemplars):
+    """context (B, Tq, D), exemplars (B, N, Tk, D) -> (B, N, Tq, D)."""
+    batch, num_exemplars, exemplar_tokens, dim = exemplars.shape
+    head_dim = dim // self.num_heads
+    dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=dense_init)
+    # The query projection depends only on the context, so it is computed once per context and
+    # broadcast over its N exemplars.
+    q = dense(dim, name="q")(context).reshape(batch, 1, -1, self.num_heads, head_dim)
+    q = jnp.broadcast_to(q, (batch, num_exemplars) + q.shape[2:])
+    kv = dense(2 * dim, name="kv")(exemplars)
+    kv = kv.reshape(batch * num_exemplars, exemplar_tokens, 2, self.num_heads, head_dim)
+    out = multi_head_attention(q.reshape((batch * num_exemplars,) + q.shape[2:]),
+                               kv[:, :, 0], kv[:, :, 1], self.attention_impl)
+    out = out.reshape(batch, num_exemplars, -1, dim)
+    return dense(dim, name="proj")(out)
+
+
+class CrossBlock(nn.Module):
+  """Pre-norm cross-attention block; the same norm1 normalises queries and keys/values."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: Any = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, context, exemplars):
+    norm = functools.partial(nn.LayerNorm, epsilon=LAYERNORM_EPSILON, dtype=self.dtype)
+    norm1 = norm(name="norm1")
+    y = CrossAttention(self.num_heads, self.dtype, self.attention_impl, name="attn")(
+        norm1(context), norm1(exemplars))
+    x = context[:, None] + y
+    hidden = int(x.shape[-1] * self.mlp_ratio)
+    return x + Mlp(hidden, dtype=self.dtype, name="mlp")(norm(name="norm2")(x))
+
+
+class CorrelationDecoder(nn.Module):
+  """Context tokens x exemplar tokens -> correlation logits at context resolution (DESIGN.md §2)."""
+  dim: int = 512
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  output_size: int = 160  # context size in pixels
+  dtype: Any = jnp.float32
+  attention_impl: Optional[str] = None  # None: JAX's choice (XLA); 'cudnn': fused GPU kernel
+
+  @nn.compact
+  def __call__(self, context_tokens, exemplar_tokens):
+    """context_tokens (B, 1+Lc, D), exemplar_tokens (B, N, 1+Le, D) -> (B, N, C, C, 2) float32."""
+    if context_tokens.ndim != 3 or exemplar_tokens.ndim != 4:
+      raise ValueError(f"expected context (B, 1+Lc, D) and exemplars (B, N, 1+Le, D), got "
+                       f"{context_tokens.shape} and {exemplar_tokens.shape}")
+    grid = math.isqrt(context_tokens.shape[1] - 1)
+    if grid * grid != context_tokens.shape[1] - 1:
+      raise ValueError(f"context has {context_tokens.shape[1] - 1} patch tokens, not a square grid")
+    embed = nn.Dense(self.dim, dtype=self.dtype, kernel_init=dense_init, name="decoder_embed")
+    context = embed(context_tokens)
+    context = context + jnp.asarray(sincos_pos_embed(self.dim, grid, cls_slot=True), context.dtype)
+    exemplars = embed(exemplar_tokens)
+    x = CrossBlock(self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl,
+                   name="decoder_corr_block")(
+        context, exemplars)
+    x = nn.LayerNorm(epsilon=LAYERNORM_EPSILON, dtype=self.dtype, name="decoder_norm")(x)
+    x = x[:, :, 1:].reshape(x.shape[:2] + (grid, grid, self.dim))
+    # 1x1 convolution == a Dense over channels; the authors init it N(0, 2 / (1*1*2)).
+    logits = nn.Dense(2, dtype=self.dtype, kernel_init=nn.initializers.normal(1.0),
+                      name="decoder_pred_mask")(x)
+    return upsample_align_corners(logits, self.output_size)

@@ -1,0 +1,279 @@
+"""Vision Transformer encoder (timm / MAE layout) with fixed, resampled 2-D sin-cos positions."""
+
+import functools
+import re
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# (width, depth, num_heads) of the standard ViT sizes; the patch size comes from the variant string.
+_SIZES = {
+    "Ti": (192, 12, 3),
+    "T": (192, 12, 3),
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "H": (1280, 32, 16),
+}
+
+LAYERNORM_EPSILON = 1e-6
+
+
+def decode_variant(variant: str) -> dict:
+  """'B/16' -> dict(width=768, depth=12, num_heads=12, patch_size=16)."""
+  match = re.fullmatch(r"([A-Za-z]+)/(\d+)", str(variant).strip())
+  if not match or match.group(1) not in _SIZES or int(match.group(2)) <= 0:
+    raise ValueError(
+        f"unknown ViT variant {variant!r}; expected '<size>/<patch>' with size in {sorted(_SIZES)}")
+  width, depth, num_heads = _SIZES[match.group(1)]
+  return dict(width=width, depth=depth, num_heads=num_heads, patch_size=int(match.group(2)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixed position tables, computed in numpy at trace time (constants, never parameters).
+
+
+def _sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+  omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+  omega = 1.0 / 10000**omega
+  angles = np.einsum("m,d->md", positions.reshape(-1).astype(np.float64), omega)
+  return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_pos_embed(dim: int, grid_size: int, cls_slot: bool = True) -> np.ndarray:
+  """MAE / MoCo-v3 2-D sin-cos table (1 [+1], grid*grid, dim); the cls slot is zeros."""
+  if dim % 4:
+    raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+  coords = np.arange(grid_size, dtype=np.float64)
+  # As in the authors' code: meshgrid(w, h), and the first half of the channels encodes grid[0]
+  # (the column coordinate), the second half grid[1] (the row coordinate).
+  grid = np.stack(np.meshgrid(coords, coords), axis=0)
+  table = np.concatenate([_sincos_1d(dim // 2, grid[0]), _sincos_1d(dim // 2, grid[1])], axis=1)
+  if cls_slot:
+    table = np.concatenate([np.zeros((1, dim)), table], axis=0)
+  return table[None].astype(np.float32)
+
+
+def _cubic_weight(x: np.ndarray, a: float = -0.75) -> np.ndarray:
+  x = np.abs(x)
+  near = ((a + 2) * x - (a + 3)) * x * x + 1
+  far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+
+def torch_bicubic_matrix(in_size: int, out_size: int, scale_factor: float) -> np.ndarray:
+  """(out, in) matrix of torch's bicubic resize (a=-0.75, align_corners=False) given a scale factor.
+
+  torch maps output index i to source (i + 0.5) / scale_factor - 0.5 and clamps the 4 taps at the
+  border (edge replication), which this matrix reproduces.
+  """
+  # torch computes the source coordinate in float32 from a float32 1/scale.
+  inv_scale = np.float32(1.0 / scale_factor)
+  src = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * inv_scale - np.float32(0.5)
+  src = src.astype(np.float64)
+  base = np.floor(src)
+  frac = src - base
+  matrix = np.zeros((out_size, in_size), np.float64)
+  for tap in range(-1, 3):
+    weight = _cubic_weight(frac - tap)
+    index = np.clip(base + tap, 0, in_size - 1).astype(int)
+    np.add.at(matrix, (np.arange(out_size), index), weight)
+  return matrix
+
+
+def resampled_pos_embed(dim: int, grid_hw: tuple[int, int], table_grid: int = 14) -> np.ndarray:
+  """The table_grid x table_grid sin-cos table resampled to grid_hw exactly as the authors do.
+
+  The authors (after DINO) call torch bicubic interpolation with scale factor (g + 0.1) / table_grid
+  and keep the table untouched when the grid already matches.
+  """
+  table = sincos_pos_embed(dim, table_grid, cls_slot=True)[0]
+  grid_h, grid_w = grid_hw
+  if (grid_h, grid_w) == (table_grid, table_grid):
+    return table[None]
+  patches = table[1:].reshape(table_grid, table_grid, dim).astype(np.float64)
+  rows = torch_bicubic_matrix(table_grid, grid_h, (grid_h + 0.1) / table_grid)
+  cols = torch_bicubic_matrix(table_grid, grid_w, (grid_w + 0.1) / table_grid)
+  patches = np.einsum("yi,ijc,xj->yxc", rows, patches, cols).reshape(grid_h * grid_w, dim)
+  return np.concatenate([table[:1], patches], axis=0)[None].astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules.
+
+# Weight init of the authors' model: xavier-uniform Linear layers with zero bias.
+dense_init = nn.initializers.xavier_uniform()
+
+
+class Mlp(nn.Module):
+  """fc1 -> exact GELU -> fc2 (timm `Mlp`)."""
+  hidden_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    out_dim = x.shape[-1]
+    x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)  # timm's nn.GELU is the exact erf form
+    return nn.Dense(out_dim, dtype=self.dtype, kernel_init=dense_init, name="fc2")(x)
+
+
+def multi_head_attention(q, k, v, implementation: Optional[str] = None):
+  """(B, T, H, d) queries against (B, S, H, d) keys/values through the fused-kernel entry point.
+
+  implementation None lets JAX choose (XLA today); 'cudnn' asks for cuDNN's fused kernel on
+  NVIDIA GPUs (bfloat16 / float16 only).
+  """
+  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
+class SelfAttention(nn.Module):
+  """timm `Attention`: one qkv projection (rows [q; k; v], heads contiguous), output proj."""
+  num_heads: int
+  dtype: Any = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x):
+    batch, tokens, width = x.shape
+    qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=dense_init, name="qkv")(x)
+    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, width // self.num_heads)
+    out = multi_head_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.attention_impl)
+    out = out.reshape(batch, tokens, width)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="proj")(out)
+
+
+class DropPath(nn.Module):
+  """Per-sample stochastic depth (timm `DropPath`), using the 'dropout' rng."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block (timm `Block`)."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    norm = functools.partial(nn.LayerNorm, epsilon=LAYERNORM_EPSILON, dtype=self.dtype)
+    drop_path = DropPath(self.drop_path_rate)
+    y = SelfAttention(self.num_heads, self.dtype, self.attention_impl, name="attn")(
+        norm(name="norm1")(x))
+    x = x + drop_path(y, deterministic)
+    y = Mlp(int(x.shape[-1] * self.mlp_ratio), dtype=self.dtype, name="mlp")(norm(name="norm2")(x))
+    return x + drop_path(y, deterministic)
+
+
+class VisionTransformer(nn.Module):
+  """ViT encoder; parameter names mirror timm's `VisionTransformer` (see cim_jax.interop)."""
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  patch_size: int = 16
+  mlp_ratio: float = 4.0
+  pos_embed_grid: int = 14
+  drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+  remat: bool = False
+  pool: str = "none"  # 'none': all tokens; 'tok': cls token; 'gap': mean patch token + fc_norm
+  num_classes: int = 0  # 0 = no classification head
+  attention_impl: Optional[str] = None  # None: JAX's choice (XLA); 'cudnn': fused GPU kernel
+  keep_block_outputs: bool = False  # intermediates['blocks']: every block's output tokens
+
+  @nn.compact
+  def __call__(self, images, *, cls_token=None, train: bool = False):
+    """images (B, H, W, 3) normalised -> (output, intermediates)."""
+    if self.pool not in ("none", "tok", "gap"):
+      raise ValueError(f"pool must be 'none', 'tok' or 'gap', got {self.pool!r}")
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"images must be (B, H, W, 3), got shape {images.shape}")
+    height, width_px = images.shape[1:3]
+    if height % self.patch_size or width_px % self.patch_size:
+      raise ValueError(
+          f"image size {height}x{width_px} is not a multiple of patch {self.patch_size}")
+    grid = (height // self.patch_size, width_px // self.patch_size)
+    intermediates = {}
+
+    # Xavier-uniform over (3*p*p -> width) as a Linear, like the authors' frozen projection.
+    patch_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2),
+                                                  out_axis=3)
+    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
+                padding="VALID", dtype=self.dtype, kernel_init=patch_init, name="patch_embed")(
+                    images.astype(self.dtype))
+    x = x.reshape(x.shape[0], grid[0] * grid[1], self.width)
+
+    own_cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.width), jnp.float32)
+    cls = own_cls if cls_token is None else jnp.asarray(cls_token).reshape(1, 1, self.width)
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.width)), x], 1)
+    pos = resampled_pos_embed(self.width, grid, self.pos_embed_grid)
+    x = x + jnp.asarray(pos, x.dtype)
+
+    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    drop_rates = np.linspace(0.0, self.drop_path_rate, self.depth)  # timm's stochastic-depth rule
+    block_outputs = []
+    for i in range(self.depth):
+      x = block_cls(self.num_heads, self.mlp_ratio, float(drop_rates[i]), self.dtype,
+                    self.attention_impl, name=f"blocks_{i}")(x, not train)
+      block_outputs.append(x)
+    if self.keep_block_outputs:
+      intermediates["blocks"] = block_outputs
+
+    norm = functools.partial(nn.LayerNorm, epsilon=LAYERNORM_EPSILON, dtype=self.dtype)
+    if self.pool == "gap":
+      # timm with global_pool='avg': no final norm, LayerNorm (fc_norm) after pooling patch tokens.
+      intermediates["tokens"] = x
+      out = norm(name="fc_norm")(x[:, 1:].mean(axis=1))
+    else:
+      x = norm(name="norm")(x)
+      intermediates["tokens"] = x
+      out = x[:, 0] if self.pool == "tok" else x
+    intermediates["pre_logits"] = out
+    if self.num_classes:
+      out = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                     name="head")(out).astype(jnp.float32)  # float32 logits for the loss
+    return out, intermediates
+
+
+def encoder_from_config(model_config, *, pool: str = "none", num_classes: int = 0,
+                        **overrides) -> VisionTransformer:
+  """The VisionTransformer a `config.model` describes."""
+  fields = decode_variant(model_config.variant)
+  fields.update(mlp_ratio=float(model_config.mlp_ratio),
+                pos_embed_grid=int(model_config.pos_embed_grid),
+                drop_path_rate=float(model_config.drop_path_rate),
+                dtype=compute_dtype(model_config.dtype), remat=bool(model_config.remat),
+                pool=pool, num_classes=num_classes,
+                attention_impl=attention_impl(model_config))
+  fields.update(overrides)
+  return VisionTransformer(**fields)
+
+
+def attention_impl(model_config) -> Optional[str]:
+  """config.model.attention_impl: '' (JAX's choice) or 'xla' / 'cudnn'."""
+  name = str(model_config.get("attention_impl", "") or "")
+  if name not in ("", "xla", "cudnn"):
+    raise ValueError(f"model.attention_impl must be '', 'xla' or 'cudnn', got {name!r}")
+  return name or None
+
+
+def compute_dtype(name: str):
+  """'float32' | 'bfloat16' -> the jnp dtype."""
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+  if str(name) not in dtypes:
+    raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {name!r}")
+  return dtypes[str(name)]

@@ -1,0 +1,309 @@
+"""Import of the authors' checkpoints, export to timm, round trips, safe loading, the command."""
+
+import functools
+import math
+import pickle
+
+import jax
+import numpy as np
+import pytest
+
+from cim_jax import config_defaults
+from cim_jax.models import cim, heads as heads_lib
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+F = torch.nn.functional
+from cim_jax import interop  # noqa: E402
+
+WIDTH, DEPTH, HEADS, PATCH = 32, 2, 2, 16
+DEC_DIM, DEC_HEADS, CONTEXT, EXEMPLAR, NUM = 32, 4, 64, 32, 2
+
+
+def _model(global_loss=False):
+  config = config_defaults.pretrain_config("tiny")
+  config.model.update(decoder_dim=DEC_DIM, decoder_heads=DEC_HEADS, projector_hidden_dim=16,
+                      projector_dim=8, global_loss_weight=1.0 if global_loss else 0.0)
+  config.data.update(context_size=CONTEXT, exemplar_size=EXEMPLAR, num_exemplars=NUM)
+  return cim.build_model(config.model, config.data, width=WIDTH, depth=DEPTH, num_heads=HEADS)
+
+
+def _authors_state_dict(global_loss=True, seed=0):
+  """Random tensors in the authors' layout (DESIGN.md §4), built from the layout, not our code."""
+  g = torch.Generator().manual_seed(seed)
+  rand = lambda *shape: 0.2 * torch.randn(*shape, generator=g)
+  sd = {"cls_token": rand(1, 1, WIDTH)}
+  sd["pos_embed"] = torch.from_numpy(_sincos(WIDTH, 14))
+  sd["decoder_pos_embed"] = torch.from_numpy(_sincos(DEC_DIM, CONTEXT // PATCH))
+  for s in ("", "_c"):
+    sd[f"patch_embed{s}.proj.weight"] = rand(WIDTH, 3, PATCH, PATCH)
+    sd[f"patch_embed{s}.proj.bias"] = rand(WIDTH)
+    for i in range(DEPTH):
+      b = f"blocks{s}.{i}"
+      linears = {"attn.qkv": (3 * WIDTH, WIDTH), "attn.proj": (WIDTH, WIDTH),
+                 "mlp.fc1": (4 * WIDTH, WIDTH), "mlp.fc2": (WIDTH, 4 * WIDTH)}
+      for name, (out, inp) in linears.items():
+        sd[f"{b}.{name}.weight"], sd[f"{b}.{name}.bias"] = rand(out, inp), rand(out)
+      for norm in ("norm1", "norm2"):
+        sd[f"{b}.{norm}.weight"], sd[f"{b}.{norm}.bias"] = 1 + rand(WIDTH), rand(WIDTH)
+    sd[f"norm{s}.weight"], sd[f"norm{s}.bias"] = 1 + rand(WIDTH), rand(WIDTH)
+  d = "decoder_corr_block.block"
+  linears = {"decoder_embed": (DEC_DIM, WIDTH), f"{d}.attn.q": (DEC_DIM, DEC_DIM),
+             f"{d}.attn.kv": (2 * DEC_DIM, DEC_DIM), f"{d}.attn.proj": (DEC_DIM, DEC_DIM),
+             f"{d}.mlp.fc1": (4 * DEC_DIM, DEC_DIM), f"{d}.mlp.fc2": (DEC_DIM, 4 * DEC_DIM)}
+  for name, (out, inp) in linears.items():
+    sd[f"{name}.weight"], sd[f"{name}.bias"] = rand(out, inp), rand(out)
+  for norm in (f"{d}.norm1", f"{d}.norm2", "decoder_norm"):
+    sd[f"{norm}.weight"], sd[f"{norm}.bias"] = 1 + rand(DEC_DIM), rand(DEC_DIM)
+  sd["decoder_pred_mask.0.weight"], sd["decoder_pred_mask.0.bias"] = rand(2, DEC_DIM, 1, 1), rand(2)
+  if global_loss:
+    for prefix, dims in [("decoder_g_embed", (WIDTH, 16, 16, 8)),
+                         ("decoder_g_embed_c", (WIDTH, 16, 16, 8)),
+                         ("decoder_predictor", (8, 16, 8))]:
+      for layer in range(len(dims) - 1):
+        sd[f"{prefix}.{3 * layer}.weight"] = rand(dims[layer + 1], dims[layer])
+        bn = f"{prefix}.{3 * layer + 1}"
+        if layer < len(dims) - 2:
+          sd[f"{bn}.weight"], sd[f"{bn}.bias"] = 1 + rand(dims[layer + 1]), rand(dims[layer + 1])
+        sd[f"{bn}.running_mean"] = rand(dims[layer + 1])
+        sd[f"{bn}.running_var"] = 1 + rand(dims[layer + 1]).abs()
+        sd[f"{bn}.num_batches_tracked"] = torch.tensor(7)
+  return sd
+
+
+def _sincos(dim, grid):
+  """MAE's get_2d_sincos_pos_embed(dim, grid, cls_token=True), written out independently."""
+  coords = np.arange(grid, dtype=np.float64)
+  gw, gh = np.meshgrid(coords, coords)
+  omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4))
+
+  def emb(pos):
+    out = np.outer(pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], 1)
+
+  table = np.concatenate([emb(gw), emb(gh)], 1)
+  return np.concatenate([np.zeros((1, dim)), table])[None].astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The authors' forward pass, by hand in torch (their models_cim.py semantics).
+
+def _linear(sd, name, x):
+  return F.linear(x, sd[f"{name}.weight"], sd[f"{name}.bias"])
+
+
+def _norm(sd, name, x):
+  return F.layer_norm(x, x.shape[-1:], sd[f"{name}.weight"], sd[f"{name}.bias"], eps=1e-6)
+
+
+def _attention(q, k, v, heads):
+  split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+  q, k, v = split(q), split(k), split(v)
+  attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
+  return (attn @ v).transpose(1, 2).flatten(2)
+
+
+def _mlp(sd, name, x):
+  return _linear(sd, f"{name}.fc2", F.gelu(_linear(sd, f"{name}.fc1", x)))
+
+
+def _torch_encoder(sd, images, suffix):
+  x = F.conv2d(images, sd[f"patch_embed{suffix}.proj.weight"], sd[f"patch_embed{suffix}.proj.bias"],
+               stride=PATCH).flatten(2).transpose(1, 2)
+  x = torch.cat([sd["cls_token"].expand(x.shape[0], -1, -1), x], 1)
+  grid = images.shape[-1] // PATCH
+  pos = sd["pos_embed"]
+  if grid != 14:  # authors' interpolate_pos_encoding
+    patches = pos[:, 1:].reshape(1, 14, 14, WIDTH).permute(0, 3, 1, 2)
+    scale = (grid + 0.1) / 14
+    patches = F.interpolate(patches, scale_factor=(scale, scale), mode="bicubic")
+    pos = torch.cat([pos[:, :1], patches.permute(0, 2, 3, 1).reshape(1, -1, WIDTH)], 1)
+  x = x + pos
+  for i in range(DEPTH):
+    b = f"blocks{suffix}.{i}"
+    qkv = _linear(sd, f"{b}.attn.qkv", _norm(sd, f"{b}.norm1", x))
+    x = x + _linear(sd, f"{b}.attn.proj", _attention(*qkv.chunk(3, -1), HEADS))
+    x = x + _mlp(sd, f"{b}.mlp", _norm(sd, f"{b}.norm2", x))
+  return _norm(sd, f"norm{suffix}", x)
+
+
+def _torch_correlation_logits(sd, context, exemplars):
+  x = _torch_encoder(sd, context, "_c")
+  x = _linear(sd, "decoder_embed", x) + sd["decoder_pos_embed"]
+  d = "decoder_corr_block.block"
+  preds = []
+  for t in exemplars:
+    t = _linear(sd, "decoder_embed", _torch_encoder(sd, t, ""))
+    xn, tn = _norm(sd, f"{d}.norm1", x), _norm(sd, f"{d}.norm1", t)
+    k, v = _linear(sd, f"{d}.attn.kv", tn).chunk(2, -1)
+    y = x + _linear(sd, f"{d}.attn.proj",
+                    _attention(_linear(sd, f"{d}.attn.q", xn), k, v, DEC_HEADS))
+    y = y + _mlp(sd, f"{d}.mlp", _norm(sd, f"{d}.norm2", y))
+    y = _norm(sd, "decoder_norm", y)[:, 1:]
+    grid = math.isqrt(y.shape[1])
+    m = y.reshape(-1, grid, grid, DEC_DIM).permute(0, 3, 1, 2)
+    m = F.conv2d(m, sd["decoder_pred_mask.0.weight"], sd["decoder_pred_mask.0.bias"])
+    preds.append(F.interpolate(m, size=(CONTEXT, CONTEXT), mode="bilinear", align_corners=True))
+  return torch.stack(preds, 1).permute(0, 1, 3, 4, 2)  # (B, N, C, C, 2)
+
+
+def _batch(seed=0):
+  rng = np.random.default_rng(seed)
+  corners = np.tile(np.array([[4, 4], [40, 4], [40, 30], [4, 30]], np.float32), (2, NUM, 1, 1))
+  return {"context": rng.integers(0, 256, (2, CONTEXT, CONTEXT, 3), dtype=np.uint8),
+          "exemplars": rng.integers(0, 256, (2, NUM, EXEMPLAR, EXEMPLAR, 3), dtype=np.uint8),
+          "corners": corners}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tests.
+
+def test_imported_checkpoint_reproduces_authors_correlation_logits():
+  model = _model()
+  sd = _authors_state_dict(global_loss=True)  # heads present but unused: skipped
+  params, target, state = interop.import_authors_state_dict(
+      {k: v.numpy() for k, v in sd.items()}, model)
+  assert state == {} and set(params) == {"encoder", "decoder"} and set(target) == {"encoder"}
+  batch = _batch()
+  _, aux = jax.jit(functools.partial(model.apply, train=False))(params, target, state, batch)
+  to_torch = lambda x: torch.from_numpy(np.asarray(cim.normalize_images(x))).permute(0, 3, 1, 2)
+  context = to_torch(batch["context"])
+  exemplars = [to_torch(batch["exemplars"][:, n]) for n in range(NUM)]
+  with torch.no_grad():
+    expected = _torch_correlation_logits(sd, context, exemplars).numpy()
+  np.testing.assert_allclose(aux["correlation_logits"], expected, atol=1e-5, rtol=0)
+  # The target encoder really is blocks_c: the online blocks give different logits.
+  sd_swapped = dict(sd, **{k.replace("_c", "", 1): v for k, v in sd.items() if "_c." in k})
+  with torch.no_grad():
+    other = _torch_correlation_logits(sd_swapped, context, exemplars).numpy()
+  assert np.abs(other - expected).max() > 1e-2
+
+
+def test_imported_global_heads_match_torch_build_mlp():
+  model = _model(global_loss=True)
+  sd = _authors_state_dict(global_loss=True, seed=3)
+  params, target, state = interop.import_authors_state_dict(
+      {k: v.numpy() for k, v in sd.items()}, model)
+  x = np.random.default_rng(0).normal(size=(1, 5, WIDTH)).astype(np.float32)
+  for prefix, head_params, head_state, dims in [
+      ("decoder_g_embed", params["projector"], state["projector"], (WIDTH, 16, 16, 8)),
+      ("decoder_g_embed_c", target["projector"], state["target_projector"], (WIDTH, 16, 16, 8)),
+      ("decoder_predictor", params["predictor"], state["predictor"], (8, 16, 8))]:
+    layers = []
+    for i in range(len(dims) - 1):
+      last = i == len(dims) - 2
+      layers += [torch.nn.Linear(dims[i], dims[i + 1], bias=False),
+                 torch.nn.BatchNorm1d(dims[i + 1], affine=not last)]
+      layers += [] if last else [torch.nn.ReLU()]
+    reference = torch.nn.Sequential(*layers).eval()
+    reference.load_state_dict({k[len(prefix) + 1:]: v for k, v in sd.items()
+                               if k.startswith(prefix + ".")}, strict=True)
+    inputs = x[..., :dims[0]]
+    ours = heads_lib.MLPHead(len(dims) - 1, 16, dims[-1]).apply(
+        {"params": head_params, "batch_stats": head_state}, inputs, train=False)
+    with torch.no_grad():
+      expected = reference(torch.from_numpy(inputs[0])).numpy()
+    np.testing.assert_allclose(ours[0], expected, atol=1e-5)
+
+
+def test_export_import_round_trip_is_exact():
+  model = _model(global_loss=True)
+  params, state = jax.jit(model.init_variables)(jax.random.key(0))
+  target = jax.tree.map(lambda x: x + 1.0, model.target_params_from(params))  # distinguishable
+  target["encoder"]["cls_token"] = params["encoder"]["cls_token"]  # shared by construction
+  state = jax.tree.map(lambda x: x + 0.5, state)
+  exported = interop.export_authors_state_dict(params, target, state, model)
+  assert set(exported) == set(_authors_state_dict(global_loss=True))
+  back = interop.import_authors_state_dict(exported, model)
+  for original, restored in zip((params, target, state), back):
+    assert jax.tree.structure(original) == jax.tree.structure(restored)
+    for a, b in zip(jax.tree.leaves(original), jax.tree.leaves(restored)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_timm_export_loads_strictly_and_round_trips(tmp_path):
+  model = _model()
+  params = jax.jit(model.init)(jax.random.key(0))
+  state = interop.encoder_to_timm(params["encoder"])
+  reference = timm.models.vision_transformer.VisionTransformer(
+      patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, num_classes=0)
+  reference.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+  back = interop.encoder_from_timm(state, model.encoder)
+  for a, b in zip(jax.tree.leaves(params["encoder"]), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(a, b)
+  interop.save_state_dict(state, str(tmp_path / "encoder.safetensors"))
+  loaded = interop.load_torch_state_dict(str(tmp_path / "encoder.safetensors"))
+  assert all(np.array_equal(loaded[k], state[k]) for k in state)
+
+
+def test_mismatched_checkpoint_lists_every_problem():
+  model = _model()
+  sd = {k: v.numpy() for k, v in _authors_state_dict(global_loss=False).items()}
+  del sd["blocks.1.mlp.fc1.bias"]
+  sd["blocks.0.attn.qkv.weight"] = np.zeros((5, WIDTH), np.float32)
+  sd["mask_token"] = np.zeros((1, 1, WIDTH), np.float32)
+  sd["pos_embed"] = sd["pos_embed"] + 1.0
+  with pytest.raises(ValueError) as error:
+    interop.import_authors_state_dict(sd, model)
+  message = str(error.value)
+  for expected in ("missing key blocks.1.mlp.fc1.bias", "wrong shape for blocks.0.attn.qkv.weight",
+                   "unexpected key mask_token", "pos_embed"):
+    assert expected in message
+
+
+class _Exploit:
+  def __reduce__(self):
+    return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_loader_never_runs_pickled_code(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  path = tmp_path / "evil.pth"
+  torch.save({"model": {"cls_token": torch.zeros(1)}, "extra": _Exploit()}, path,
+             pickle_protocol=pickle.DEFAULT_PROTOCOL)
+  assert not (tmp_path / "PWNED").exists()
+  with pytest.raises(pickle.UnpicklingError):
+    interop.load_torch_state_dict(str(path))
+  assert not (tmp_path / "PWNED").exists()
+
+
+def test_command_import_then_export_to_timm(tmp_path):
+  """Ti/16 with the default decoder: authors' .pth -> msgpack -> timm safetensors -> timm."""
+  model = interop._build_model("Ti/16", False, 160, 64)
+  params, state = jax.jit(model.init_variables)(jax.random.key(0))
+  target = jax.tree.map(lambda x: x * 0.5, model.target_params_from(params))
+  target["encoder"]["cls_token"] = params["encoder"]["cls_token"]
+  sd = interop.export_authors_state_dict(params, target, state, model)
+  torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, "epoch": 299},
+             tmp_path / "cim.pth")
+  interop.main(["import", "--variant", "Ti/16", "--checkpoint", str(tmp_path / "cim.pth"),
+                "--output", str(tmp_path / "cim.msgpack")])
+  interop.main(["export", "--variant", "Ti/16", "--params", str(tmp_path / "cim.msgpack"),
+                "--which", "target", "--output", str(tmp_path / "target.safetensors")])
+  from safetensors.torch import load_file
+  reference = timm.create_model(interop.timm_model_name("Ti/16"), pretrained=False, num_classes=0)
+  reference.load_state_dict(load_file(str(tmp_path / "target.safetensors")), strict=True)
+  np.testing.assert_array_equal(reference.blocks[3].mlp.fc2.weight.detach().numpy(),
+                                np.asarray(target["encoder"]["blocks_3"]["mlp"]["fc2"]["kernel"]).T)
+
+
+@pytest.mark.slow
+def test_command_exports_a_training_run(tmp_path):
+  """A (tiny) pre-training work dir of this project -> timm safetensors, target encoder."""
+  from train_fixtures import read_checkpoint, tiny_config
+  from cim_jax.train import loop
+  config = tiny_config(num_train_steps=2)
+  workdir = str(tmp_path / "run")
+  loop.train(config, workdir)
+  output = str(tmp_path / "target.safetensors")
+  interop.main(["export", "--workdir", workdir, "--variant", config.model.variant, "--which",
+                "target", "--output", output])
+  fields = interop.vit_lib.decode_variant(config.model.variant)
+  reference = timm.models.vision_transformer.VisionTransformer(
+      patch_size=fields["patch_size"], embed_dim=fields["width"], depth=fields["depth"],
+      num_heads=fields["num_heads"], num_classes=0)
+  from safetensors.torch import load_file
+  reference.load_state_dict(load_file(output), strict=True)
+  saved = read_checkpoint(workdir)
+  np.testing.assert_array_equal(reference.norm.weight.detach().numpy(),
+                                saved["target_params"]["encoder"]["norm"]["scale"])

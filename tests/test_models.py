@@ -1,0 +1,395 @@
+"""Encoder / decoder / CIM model: parity with timm and torch, losses, gradients, masks."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cim_jax import config_defaults
+from cim_jax.models import cim, decoder as decoder_lib, vit
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+from cim_jax import interop  # noqa: E402  (needs torch for the timm helpers)
+
+
+def _images(batch, size, seed=0):
+  return np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
+
+
+def _randomize(params, seed=1, scale=0.05):
+  """Random (not init-structured) values, so parity checks see every weight, bias and norm."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda x: (np.asarray(x) + scale * rng.normal(size=x.shape)).astype(np.float32), params)
+
+
+def _tiny_config(**model_overrides):
+  config = config_defaults.pretrain_config("tiny")
+  config.model.update(model_overrides)
+  return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Variants, parameter counts, position tables.
+
+def test_decode_variant():
+  assert vit.decode_variant("B/16") == dict(width=768, depth=12, num_heads=12, patch_size=16)
+  assert vit.decode_variant("T/16") == vit.decode_variant("Ti/16")
+  assert vit.decode_variant("H/14") == dict(width=1280, depth=32, num_heads=16, patch_size=14)
+  assert vit.decode_variant("L/16")["depth"] == 24
+  for bad in ("X/16", "B16", "B/0", ""):
+    with pytest.raises(ValueError, match="variant"):
+      vit.decode_variant(bad)
+
+
+@pytest.mark.parametrize("variant,timm_name", [("Ti/16", "vit_tiny_patch16_224"),
+                                               ("S/16", "vit_small_patch16_224"),
+                                               ("B/16", "vit_base_patch16_224")])
+def test_parameter_count_matches_timm(variant, timm_name):
+  encoder = vit.VisionTransformer(**vit.decode_variant(variant))
+  shapes = jax.eval_shape(encoder.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+  ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  reference = timm.create_model(timm_name, pretrained=False, num_classes=0)
+  # timm stores the position table as a parameter; ours is a constant of the same size.
+  total = sum(p.numel() for p in reference.parameters())
+  assert ours == total - reference.pos_embed.numel()
+  assert interop.timm_model_name(variant) == timm_name
+  if variant == "B/16":  # the commonly quoted 85.8M counts timm's (1, 197, 768) table too
+    assert ours == 85_647_360 and ours + 197 * 768 == 85_798_656
+
+
+def test_sincos_table_layout():
+  table = vit.sincos_pos_embed(8, 3)
+  assert table.shape == (1, 10, 8)
+  np.testing.assert_array_equal(table[0, 0], 0.0)  # cls slot
+  # Token r*3+c: first half encodes the column c, second half the row r (authors' meshgrid order).
+  token = table[0, 1 + 1 * 3 + 2]
+  np.testing.assert_allclose(token[:4], [np.sin(2), np.sin(2 / 100), np.cos(2), np.cos(2 / 100)],
+                             rtol=1e-6)
+  np.testing.assert_allclose(token[4:], [np.sin(1), np.sin(1 / 100), np.cos(1), np.cos(1 / 100)],
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("grid", [4, 10, 7, 20])
+def test_pos_embed_resampling_matches_torch_bicubic(grid):
+  dim = 32
+  table = vit.sincos_pos_embed(dim, 14)
+  patches = torch.from_numpy(table[:, 1:]).reshape(1, 14, 14, dim).permute(0, 3, 1, 2)
+  expected = torch.nn.functional.interpolate(
+      patches, scale_factor=((grid + 0.1) / 14, (grid + 0.1) / 14), mode="bicubic")
+  expected = expected.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).numpy()
+  ours = vit.resampled_pos_embed(dim, (grid, grid), 14)
+  assert ours.shape == (1, 1 + grid * grid, dim)
+  np.testing.assert_array_equal(ours[0, 0], 0.0)
+  np.testing.assert_allclose(ours[:, 1:], expected, atol=1e-6)
+
+
+def test_pos_embed_untouched_on_native_grid():
+  np.testing.assert_array_equal(vit.resampled_pos_embed(16, (14, 14)), vit.sincos_pos_embed(16, 14))
+
+
+# ----------------------------------------------------------------------------------------------
+# Numerical parity with timm.
+
+@pytest.mark.parametrize("fields,size,pool", [
+    (vit.decode_variant("Ti/16"), 224, "none"),
+    (dict(width=64, depth=2, num_heads=4), 64, "none"),
+    (dict(width=64, depth=2, num_heads=4), 160, "tok"),
+    (dict(width=64, depth=2, num_heads=4, num_classes=7), 160, "gap"),
+])
+def test_encoder_matches_timm(fields, size, pool):
+  encoder = vit.VisionTransformer(**{"patch_size": 16, "pool": pool, **fields})
+  images = _images(2, size)
+  params = _randomize(jax.jit(encoder.init)(jax.random.key(0), images[:1])["params"])
+  ours, intermediates = jax.jit(encoder.apply)({"params": params}, images)
+  reference = interop.timm_vision_transformer(encoder, params, img_size=size)
+  with torch.no_grad():
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    expected = reference.forward_features(x) if pool == "none" else reference(x)
+  np.testing.assert_allclose(np.asarray(ours), expected.numpy(), atol=1e-5, rtol=0)
+  assert "tokens" in intermediates and "pre_logits" in intermediates
+
+
+def test_external_cls_token_replaces_own():
+  encoder = vit.VisionTransformer(width=32, depth=1, num_heads=2, patch_size=16)
+  images = _images(2, 32)
+  params = jax.jit(encoder.init)(jax.random.key(0), images)["params"]
+  other = jnp.ones((1, 1, 32))
+  apply = jax.jit(lambda p, cls=None: encoder.apply({"params": p}, images, cls_token=cls)[0])
+  with_other = apply(params, other)
+  expected = apply(dict(params, cls_token=other))
+  np.testing.assert_allclose(with_other, expected, atol=1e-6)
+  own = apply(params)
+  assert not np.allclose(own, with_other)
+
+
+def test_drop_path_uses_rng_and_remat_is_exact():
+  fields = dict(width=32, depth=2, num_heads=2, patch_size=16, drop_path_rate=0.5)
+  images = _images(4, 32)
+  plain = vit.VisionTransformer(**fields)
+  remat = vit.VisionTransformer(remat=True, **fields)
+  params = jax.jit(plain.init)(jax.random.key(0), images)["params"]
+
+  def loss(module, p, key, train=True):
+    return module.apply({"params": p}, images, train=train, rngs={"dropout": key})[0].sum()
+
+  run = jax.jit(loss, static_argnums=(0, 3))
+  a, b = run(plain, params, jax.random.key(1)), run(plain, params, jax.random.key(2))
+  evaluation = run(plain, params, jax.random.key(1), False)
+  assert not np.allclose(a, b) and not np.allclose(a, evaluation)
+  np.testing.assert_allclose(run(remat, params, jax.random.key(1)), a, rtol=1e-6)
+  grad = jax.jit(jax.grad(loss, argnums=1), static_argnums=0)
+  for g, h in zip(jax.tree.leaves(grad(plain, params, jax.random.key(1))),
+                  jax.tree.leaves(grad(remat, params, jax.random.key(1)))):
+    np.testing.assert_allclose(g, h, atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  encoder = vit.VisionTransformer(width=32, depth=1, num_heads=2, patch_size=16,
+                                  dtype=jnp.bfloat16)
+  images = _images(2, 32)
+  params = jax.jit(encoder.init)(jax.random.key(0), images)["params"]
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  out, _ = jax.jit(encoder.apply)({"params": params}, images)
+  assert out.dtype == jnp.bfloat16
+  reference, _ = jax.jit(vit.VisionTransformer(width=32, depth=1, num_heads=2,
+                                               patch_size=16).apply)({"params": params}, images)
+  np.testing.assert_allclose(np.asarray(out, np.float32), reference, atol=0.1)
+
+
+def test_block_outputs_and_attention_choice():
+  images = _images(2, 32)
+  encoder = vit.VisionTransformer(width=32, depth=2, num_heads=2, keep_block_outputs=True)
+  params = jax.jit(encoder.init)(jax.random.key(0), images)["params"]
+  out, intermediates = jax.jit(encoder.apply)({"params": params}, images)
+  assert len(intermediates["blocks"]) == 2
+  ln = lambda x: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(out, ln(np.asarray(intermediates["blocks"][-1])), atol=1e-4)
+  config = config_defaults.model_config("Ti/16")
+  config.attention_impl = "xla"
+  xla = vit.encoder_from_config(config, width=32, depth=2, num_heads=2)
+  assert xla.attention_impl == "xla"
+  np.testing.assert_allclose(jax.jit(xla.apply)({"params": params}, images)[0], out, atol=1e-6)
+  config.attention_impl = "flash"
+  with pytest.raises(ValueError, match="attention_impl"):
+    vit.encoder_from_config(config)
+
+
+def test_bad_inputs_raise_clear_errors():
+  encoder = vit.VisionTransformer(width=32, depth=1, num_heads=2, patch_size=16)
+  with pytest.raises(ValueError, match="multiple of patch"):
+    encoder.init(jax.random.key(0), jnp.zeros((1, 40, 40, 3)))
+  with pytest.raises(ValueError, match="pool"):
+    vit.VisionTransformer(width=32, depth=1, num_heads=2, pool="max").init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  with pytest.raises(ValueError, match="model.dtype"):
+    vit.compute_dtype("float8")
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoder.
+
+@pytest.mark.parametrize("in_size,out_size", [(10, 160), (4, 64), (3, 7)])
+def test_upsample_matches_torch_align_corners(in_size, out_size):
+  maps = np.random.default_rng(0).normal(size=(2, 3, in_size, in_size, 2)).astype(np.float32)
+  ours = decoder_lib.upsample_align_corners(jnp.asarray(maps), out_size)
+  x = torch.from_numpy(maps).reshape(6, in_size, in_size, 2).permute(0, 3, 1, 2)
+  expected = torch.nn.functional.interpolate(x, size=(out_size, out_size), mode="bilinear",
+                                             align_corners=True)
+  expected = expected.permute(0, 2, 3, 1).reshape(2, 3, out_size, out_size, 2).numpy()
+  np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+def test_decoder_batches_exemplars_like_separate_calls():
+  dec = decoder_lib.CorrelationDecoder(dim=32, num_heads=4, output_size=64)
+  rng = np.random.default_rng(0)
+  context = rng.normal(size=(2, 1 + 16, 24)).astype(np.float32)
+  exemplars = rng.normal(size=(2, 3, 1 + 4, 24)).astype(np.float32)
+  params = _randomize(jax.jit(dec.init)(jax.random.key(0), context, exemplars)["params"])
+  apply = jax.jit(dec.apply)
+  logits = apply({"params": params}, context, exemplars)
+  assert logits.shape == (2, 3, 64, 64, 2) and logits.dtype == jnp.float32
+  for n in range(3):
+    single = apply({"params": params}, context, exemplars[:, n:n + 1])
+    np.testing.assert_allclose(logits[:, n:n + 1], single, atol=1e-5)
+  # Each exemplar must matter.
+  assert not np.allclose(logits[:, 0], logits[:, 1])
+
+
+def test_decoder_rejects_non_square_context():
+  dec = decoder_lib.CorrelationDecoder(dim=32, num_heads=4, output_size=64)
+  with pytest.raises(ValueError, match="square"):
+    dec.init(jax.random.key(0), jnp.zeros((1, 1 + 12, 8)), jnp.zeros((1, 1, 5, 8)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The CIM model.
+
+SMALL_ENCODER = dict(width=32, depth=1, num_heads=2)
+
+
+def _small_model(**overrides):
+  config = _tiny_config(decoder_dim=32, decoder_heads=4, projector_hidden_dim=16,
+                        projector_dim=8, **overrides)
+  config.data.context_size, config.data.exemplar_size, config.data.num_exemplars = 64, 32, 2
+  return cim.build_model(config.model, config.data, **SMALL_ENCODER), config
+
+
+def _small_batch(batch=2, num=2, context=64, exemplar=32, seed=0):
+  rng = np.random.default_rng(seed)
+  # Axis-aligned 20x12 boxes; corners in (x, y) context pixels, listed around the box.
+  x0, y0 = rng.integers(0, context // 2, size=(2, batch, num)).astype(np.float32)
+  corners = np.stack([np.stack(c, -1) for c in
+                      [(x0, y0), (x0 + 20, y0), (x0 + 20, y0 + 12), (x0, y0 + 12)]], axis=2)
+  return {
+      "context": rng.integers(0, 256, (batch, context, context, 3), dtype=np.uint8),
+      "exemplars": rng.integers(0, 256, (batch, num, exemplar, exemplar, 3), dtype=np.uint8),
+      "corners": corners,
+  }
+
+
+@pytest.fixture(scope="module")
+def small():
+  """(model, batch, params) shared by the CIM tests: one init, one compile per function."""
+  model, _ = _small_model()
+  batch = _small_batch()
+  params = jax.jit(model.init)(jax.random.key(0), batch)
+  return model, batch, params
+
+
+def _box_masks(corners, size):
+  """Hand rasterisation of axis-aligned boxes: pixel centres (c + 0.5, r + 0.5) inside or on it."""
+  centres = np.arange(size) + 0.5
+  x0, y0 = corners[..., 0, 0], corners[..., 0, 1]
+  x1, y1 = corners[..., 2, 0], corners[..., 2, 1]
+  inside_x = (centres >= x0[..., None]) & (centres <= x1[..., None])
+  inside_y = (centres >= y0[..., None]) & (centres <= y1[..., None])
+  return inside_y[..., :, None] & inside_x[..., None, :]
+
+
+def test_correlation_loss_equals_hand_computation():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 3, 5, 5, 2)).astype(np.float32)
+  masks = rng.integers(0, 2, size=(2, 3, 5, 5))
+  expected = 0.0
+  for n in range(3):
+    total = 0.0
+    for b in range(2):
+      for y in range(5):
+        for x in range(5):
+          z = logits[b, n, y, x]
+          total += np.log(np.exp(z).sum()) - z[masks[b, n, y, x]]
+    expected += total / (2 * 25)
+  np.testing.assert_allclose(cim.correlation_loss(jnp.asarray(logits), jnp.asarray(masks)),
+                             expected, rtol=1e-5)
+
+
+def test_normalize_images():
+  images = np.array([[[[0, 128, 255]]]], np.uint8)
+  out = np.asarray(cim.normalize_images(images))
+  expected = (np.array([0, 128, 255]) / 255 - np.array(cim.IMAGENET_MEAN)) / np.array(
+      cim.IMAGENET_STD)
+  np.testing.assert_allclose(out[0, 0, 0], expected, rtol=1e-5)
+
+
+def test_target_starts_as_exact_copy_in_separate_buffers(small):
+  model, _, params = small
+  target = model.target_params_from(params)
+  assert set(target) == {"encoder"}
+  for a, b in zip(jax.tree.leaves(params["encoder"]), jax.tree.leaves(target["encoder"])):
+    np.testing.assert_array_equal(a, b)
+    assert a.unsafe_buffer_pointer() != b.unsafe_buffer_pointer()  # safe to donate both
+
+
+def test_optimizer_masks(small):
+  model, _, params = small
+  _, config = _small_model()
+  frozen = model.frozen_mask(params)
+  assert frozen["encoder"]["patch_embed"] == {"kernel": True, "bias": True}
+  assert sum(jax.tree.leaves(frozen)) == 2
+  config.model.freeze_patch_embed = False
+  unfrozen = cim.build_model(config.model, config.data, **SMALL_ENCODER)
+  assert not any(jax.tree.leaves(unfrozen.frozen_mask(params)))
+  decay = model.weight_decay_mask(params, "1d")
+  assert decay["encoder"]["cls_token"] and decay["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"]
+  assert not decay["encoder"]["blocks_0"]["attn"]["qkv"]["bias"]
+  assert not decay["encoder"]["norm"]["scale"] and not decay["decoder"]["decoder_norm"]["bias"]
+  assert not model.weight_decay_mask(params, "1d+tokens")["encoder"]["cls_token"]
+  with pytest.raises(ValueError, match="exemption"):
+    model.weight_decay_mask(params, "all")
+
+
+def test_apply_loss_and_metrics_match_hand_computation(small):
+  model, batch, params = small
+  target = model.target_params_from(params)
+  loss, aux = jax.jit(functools.partial(model.apply, train=True))(
+      params, target, {}, batch, rng=jax.random.key(1))
+  logits = np.asarray(aux["correlation_logits"], np.float64)
+  assert logits.shape == (2, 2, 64, 64, 2)
+  masks = _box_masks(batch["corners"], 64)
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  nll = -np.where(masks, log_probs[..., 1], log_probs[..., 0])
+  expected = nll.mean(axis=(0, 2, 3)).sum()
+  np.testing.assert_allclose(aux["metrics"]["corr_loss"], expected, rtol=1e-5)
+  np.testing.assert_allclose(loss, model.corr_loss_weight * expected, rtol=1e-5)
+  np.testing.assert_allclose(aux["metrics"]["mask_fraction"], masks.mean(), rtol=1e-6)
+  assert set(aux["metrics"]) >= {"loss", "corr_loss", "mask_fraction"}
+  assert aux["model_state"] == {}
+
+
+def test_apply_equals_manual_composition(small):
+  """Target = encoder(target_params) on the context with the online cls token prepended."""
+  model, batch, params = small
+  target = _randomize(model.target_params_from(params), seed=5)
+  _, aux = jax.jit(functools.partial(model.apply, train=False))(params, target, {}, batch)
+
+  @jax.jit
+  def manual(params, target):
+    context = cim.normalize_images(batch["context"])
+    exemplars = cim.normalize_images(batch["exemplars"])
+    target_enc = dict(target["encoder"], cls_token=params["encoder"]["cls_token"])
+    context_tokens, _ = model.encoder.apply({"params": target_enc}, context)
+    exemplar_tokens, _ = model.encoder.apply({"params": params["encoder"]},
+                                             exemplars.reshape(4, 32, 32, 3))
+    return model.decoder.apply({"params": params["decoder"]}, context_tokens,
+                               exemplar_tokens.reshape(2, 2, 5, -1))
+
+  logits = manual(params, target)
+  np.testing.assert_allclose(aux["correlation_logits"], logits, atol=1e-5)
+
+
+def test_gradients_skip_target_and_frozen_patch_projection(small):
+  model, batch, params = small
+  target = model.target_params_from(params)
+  loss_fn = lambda p, t: model.apply(p, t, {}, batch, train=True, rng=jax.random.key(0))[0]
+  grads, target_grads = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))(params, target)
+  assert all(not np.any(g) for g in jax.tree.leaves(target_grads))
+  assert not np.any(grads["encoder"]["patch_embed"]["kernel"])
+  assert not np.any(grads["encoder"]["patch_embed"]["bias"])
+  for path in [("encoder", "cls_token"), ("encoder", "blocks_0", "attn", "qkv", "kernel"),
+               ("decoder", "decoder_corr_block", "attn", "q", "kernel")]:
+    assert np.any(functools.reduce(lambda t, k: t[k], path, grads)), path
+
+
+def test_bfloat16_model_gives_float32_loss(small):
+  reference, batch, params = small
+  model, _ = _small_model(dtype="bfloat16")
+  target = model.target_params_from(params)
+  loss, aux = jax.jit(functools.partial(model.apply, train=False))(params, target, {}, batch)
+  assert loss.dtype == jnp.float32 and aux["correlation_logits"].dtype == jnp.float32
+  ref_loss, _ = jax.jit(functools.partial(reference.apply, train=False))(params, target, {}, batch)
+  np.testing.assert_allclose(loss, ref_loss, rtol=0.05)
+
+
+def test_bad_batch_raises(small):
+  model, batch, params = small
+  bad = dict(batch, corners=batch["corners"][:, :1])
+  with pytest.raises(ValueError, match="disagree"):
+    model.apply(params, model.target_params_from(params), {}, bad, train=False)
+  config = _tiny_config()
+  config.data.context_size = 150
+  with pytest.raises(ValueError, match="context_size"):
+    cim.build_model(config.model, config.data)
