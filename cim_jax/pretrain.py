@@ -36,11 +36,11 @@ def main(argv: list[str] | None = None) -> None:
 
   _configure_logging()
   from cim_jax.train import loop  # pylint: disable=g-import-not-at-top
-  result = loop.train_and_evaluate(config, flags["workdir"])
-
+  evaluate = None
   if config.eval.pretext_iou or config.eval.knn or config.eval.visualize:
     from cim_jax.evaluate import report  # pylint: disable=g-import-not-at-top
-    report.run(config, flags["workdir"], result)
+    evaluate = report.evaluate_run
+  loop.train_and_evaluate(config, flags["workdir"], evaluate=evaluate)
 
 
 if __name__ == "__main__":

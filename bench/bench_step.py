@@ -1,0 +1,294 @@
+"""Train-step speed: step time, samples/s, MFU; ours vs the same model in PyTorch, in one run.
+
+  python bench/bench_step.py                  # CPU: ViT-Ti @ 32 and ViT-B @ 8, ours vs PyTorch
+  python bench/bench_step.py --cases=B/16:256 --dtype=bfloat16 --max_batch   # GPU / TPU
+  python bench/bench_step.py --cases=L/16:64 --fsdp=8 --no_torch --pipeline
+
+Sizes are DESIGN.md's (context 160, 6 exemplars of 64) unless overridden. "device batch" times
+the jitted step on a batch already on device; "with pipeline" adds grain pair generation and the
+host -> device transfer. FLOPs: every matmul / convolution of the step's jaxpr (whole program,
+backward and rematerialised work included; the same count on every backend, unlike XLA's cost
+analysis, which misses cuBLAS calls on GPU); MFU = FLOPs / step time / (peak x devices). Figures on a shared machine are noisy: compare ratios within one run.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from cim_jax import config_defaults, sharding  # pylint: disable=wrong-import-position
+from cim_jax.models import cim  # pylint: disable=wrong-import-position
+from cim_jax.train import schedules, state as state_lib, step as step_lib  # pylint: disable=wrong-import-position
+
+# Dense peak FLOP/s per device (bf16 tensor cores / MXU), by substring of jax's device_kind.
+PEAK_FLOPS = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("v5p", 459e12),
+              ("v5 lite", 197e12), ("v5e", 197e12), ("v4", 275e12)]
+
+
+def peak_flops(device) -> float | None:
+  kind = device.device_kind
+  for key, value in PEAK_FLOPS:
+    if key.lower() in kind.lower():
+      return value
+  return None
+
+
+def measured_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
+  """FLOP/s of a float32 n x n matmul on device 0 (the CPU's practical peak)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  t = time.perf_counter()
+  for _ in range(repeats):
+    out = f(a)
+  out.block_until_ready()
+  return 2 * n**3 * repeats / (time.perf_counter() - t)
+
+
+def bench_config(variant: str, batch: int, args):
+  c = config_defaults.pretrain_config("base")
+  c.model.variant = variant
+  c.model.dtype = args.dtype
+  c.model.remat = args.remat
+  c.batch_size = batch
+  c.num_train_steps = 10_000
+  c.optim.warmup_steps = 10
+  c.mesh.fsdp = args.fsdp
+  c.data.num_workers = args.workers
+  return c
+
+
+def synthetic_batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  d, b = config.data, config.batch_size
+  c, n, e = d.context_size, d.num_exemplars, d.exemplar_size
+  centre = rng.uniform(e / 2, c - e / 2, (b, n, 1, 2))
+  half = rng.uniform(8, e / 2, (b, n, 1, 1))
+  square = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], np.float32)
+  return {"context": rng.integers(0, 256, (b, c, c, 3), dtype=np.uint8),
+          "exemplars": rng.integers(0, 256, (b, n, e, e, 3), dtype=np.uint8),
+          "corners": (centre + half * square).astype(np.float32)}
+
+
+def _dot_flops(eqn) -> float:
+  (contract, _), _ = eqn.params["dimension_numbers"]
+  lhs = eqn.invars[0].aval.shape
+  return 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[d] for d in contract])
+
+
+def _conv_flops(eqn) -> float:
+  rhs = eqn.invars[1].aval.shape  # kernel: out features x (in / groups) x spatial, in some order
+  out_features = eqn.outvars[0].aval.shape[eqn.params["dimension_numbers"].out_spec[1]]
+  return 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod(rhs) / out_features
+
+
+def _sub_jaxprs(params):
+  for value in params.values():
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(item, jax.extend.core.ClosedJaxpr):
+        yield item.jaxpr
+      elif isinstance(item, jax.extend.core.Jaxpr):
+        yield item
+
+
+def matmul_flops(jaxpr) -> float:
+  """FLOPs of every matmul / convolution in a jaxpr (the whole, unpartitioned program).
+
+  Counted from the program itself so the figure is the same on every backend (XLA's cost
+  analysis misses cuBLAS calls on GPU); elementwise work is left out, rematerialised work is in.
+  """
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      total += _dot_flops(eqn)
+    elif name == "conv_general_dilated":
+      total += _conv_flops(eqn)
+    inner = sum(matmul_flops(j) for j in _sub_jaxprs(eqn.params))
+    if name == "cond":  # one branch runs
+      inner = max([matmul_flops(j) for j in _sub_jaxprs(eqn.params)] or [0.0])
+    total += inner * (eqn.params.get("length", 1) if name == "scan" else 1)
+  return total
+
+
+class Ours:
+  """Our jitted, donated step on a fresh state."""
+
+  def __init__(self, config):
+    self.config = config
+    mesh = sharding.make_mesh(config.mesh.fsdp)
+    counts = schedules.step_counts(config, num_examples=None)
+    self.trainer = step_lib.build_trainer(config, cim.build_model(config.model, config.data),
+                                          mesh, counts)
+    self.state = self.trainer.init_state(jax.random.PRNGKey(0), state_lib.dummy_batch(config.data))
+    self.rng = jax.random.PRNGKey(1)
+    self.batch = sharding.global_batch(synthetic_batch(config), self.trainer.batch_sharding)
+    t = time.perf_counter()
+    lowered = self.trainer.train_step.lower(self.state, self.batch, self.rng)
+    lowered.compile()
+    self.compile_seconds = time.perf_counter() - t
+    self.flops = matmul_flops(
+        jax.make_jaxpr(self.trainer.train_step)(self.state, self.batch, self.rng).jaxpr)
+
+  def run(self, steps: int, batches=None) -> float:
+    """Seconds per step over `steps` (after the first, compiling call has been made)."""
+    t = time.perf_counter()
+    for _ in range(steps):
+      batch = self.batch if batches is None else sharding.global_batch(
+          next(batches), self.trainer.batch_sharding)
+      self.state, metrics = self.trainer.train_step(self.state, batch, self.rng)
+    jax.block_until_ready(metrics["loss"])
+    return (time.perf_counter() - t) / steps
+
+
+class Torch:
+  """The same model and step in PyTorch (timm blocks), CPU threads as given."""
+
+  def __init__(self, config, threads: int):
+    import torch  # pylint: disable=g-import-not-at-top
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch_cim  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    fields = __import__("cim_jax.models.vit", fromlist=["x"]).decode_variant(config.model.variant)
+    d = config.data
+    self.model = torch_cim.TorchCIM(fields["width"], fields["depth"], fields["num_heads"],
+                                    fields["patch_size"], d.context_size, d.exemplar_size,
+                                    config.model.decoder_dim, config.model.decoder_heads)
+    self.step = torch_cim.make_step(self.model)
+    b, n, c, e = config.batch_size, d.num_exemplars, d.context_size, d.exemplar_size
+    self.inputs = (torch.randn(b, 3, c, c), torch.randn(b, n, 3, e, e),
+                   torch.rand(b, n, c, c) > 0.7)
+
+  def run(self, steps: int) -> float:
+    t = time.perf_counter()
+    for _ in range(steps):
+      self.step(*self.inputs)
+    return (time.perf_counter() - t) / steps
+
+
+def pipeline_iterator(config):
+  from cim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return iter(pipeline.make_dataset(config, "train"))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  on_cpu = jax.default_backend() == "cpu"
+  parser.add_argument("--cases", default="Ti/16:32,B/16:8" if on_cpu else "B/16:256",
+                      help="comma-separated VARIANT:GLOBAL_BATCH")
+  parser.add_argument("--dtype", default="float32" if on_cpu else "bfloat16")
+  parser.add_argument("--steps", type=int, default=3 if on_cpu else 20, help="timed steps/round")
+  parser.add_argument("--rounds", type=int, default=2, help="alternating ours/torch rounds")
+  parser.add_argument("--fsdp", type=int, default=1)
+  parser.add_argument("--remat", action="store_true")
+  parser.add_argument("--workers", type=int, default=0, help="grain workers for --pipeline")
+  parser.add_argument("--torch_threads", type=int, default=2)
+  parser.add_argument("--settle", type=float, default=2.0,
+                      help="seconds of idle after each torch round (its threads spin-wait)")
+  parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch comparison")
+  parser.add_argument("--pipeline", action="store_true", default=on_cpu,
+                      help="also time with the input pipeline included")
+  parser.add_argument("--max_batch", action="store_true",
+                      help="double the batch from the given one until it no longer fits")
+  parser.add_argument("--profile", default="",
+                      help="write a jax.profiler (perfetto) trace of a few device-batch steps here")
+  args = parser.parse_args(argv)
+
+  device = jax.devices()[0]
+  peak = peak_flops(device)
+  peak_note = "table"
+  if peak is None:
+    peak, peak_note = measured_matmul_peak(), "measured f32 matmul"
+  print(f"device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()}), "
+        f"dtype {args.dtype}, peak/device {peak:.3g} FLOP/s ({peak_note}); "
+        f"torch threads {args.torch_threads}. Shared machine: figures are noisy.", flush=True)
+  args.peak = peak
+  print_header()
+  for case in args.cases.split(","):
+    variant, batch = case.split(":")
+    try:
+      print_row(bench_case(variant, int(batch), args))
+    except Exception as e:  # pylint: disable=broad-except  (report and go on to the next case)
+      print(f"{case}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+
+def bench_case(variant, batch, args):
+  """Times one VARIANT:BATCH case: ours (device batch, with pipeline) and PyTorch."""
+  if args.max_batch:
+    batch = largest_batch(variant, batch, args)
+  config = bench_config(variant, batch, args)
+  ours = Ours(config)
+  ours.run(1)  # first call: executable load + warm-up
+  torch_model = None if args.no_torch else Torch(config, args.torch_threads)
+  if torch_model is not None:
+    torch_model.run(1)
+    time.sleep(args.settle)
+  ours_t, torch_t = [], []
+  for _ in range(args.rounds):  # alternate, so background load hits both sides alike
+    ours_t.append(ours.run(args.steps))
+    if torch_model is not None:
+      torch_t.append(torch_model.run(args.steps))
+      time.sleep(args.settle)  # let torch's OpenMP threads stop spinning before we time ours
+  t_ours = statistics.median(ours_t)
+  row = dict(case=f"{variant} b{batch}", ours=t_ours, sps=batch / t_ours,
+             mfu=ours.flops / t_ours / (args.peak * jax.device_count()),
+             compile=ours.compile_seconds)
+  if torch_model is not None:
+    row["torch"] = statistics.median(torch_t)
+    row["ratio"] = t_ours / row["torch"]
+  if args.profile:
+    with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+      ours.run(3)
+  if args.pipeline:
+    batches = pipeline_iterator(config)
+    ours.run(1, batches)
+    row["with_pipeline"] = ours.run(args.steps, batches)
+  return row
+
+
+def largest_batch(variant, batch, args):
+  """Doubles the batch while a step still fits in device memory."""
+  fits = None
+  while True:
+    try:
+      ours = Ours(bench_config(variant, batch, args))
+      ours.run(1)
+      del ours
+      fits, batch = batch, batch * 2
+    except Exception as e:  # pylint: disable=broad-except
+      if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+        raise
+      if fits is None:
+        raise SystemExit(f"{variant}: batch {batch} does not fit") from None
+      print(f"{variant}: batch {batch} does not fit; using {fits}")
+      return fits
+
+
+HEADER = (f"{'case':<12}{'ours s/step':>12}{'samples/s':>11}{'MFU':>8}"
+          f"{'torch s/step':>13}{'ours/torch':>11}{'w/ pipeline':>12}{'compile s':>10}")
+
+
+def print_header():
+  print(HEADER)
+  print("-" * len(HEADER), flush=True)
+
+
+def print_row(r):
+  """One row per case, printed as soon as it is measured."""
+  torch_s = f"{r['torch']:.3f}" if "torch" in r else "-"
+  ratio = f"{r['ratio']:.2f}" if "ratio" in r else "-"
+  pipe = f"{r['with_pipeline']:.3f}" if "with_pipeline" in r else "-"
+  print(f"{r['case']:<12}{r['ours']:>12.3f}{r['sps']:>11.1f}{r['mfu']:>8.1%}"
+        f"{torch_s:>13}{ratio:>11}{pipe:>12}{r['compile']:>10.1f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,94 @@
+"""Device mesh, parameter / batch shardings and multi-host start-up (no pmap anywhere)."""
+
+import logging
+import os
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXES = ("data", "fsdp")  # the batch is split over every device, fsdp devices included
+
+
+def maybe_initialize_distributed() -> bool:
+  """Calls jax.distributed.initialize() when the environment describes a multi-process run.
+
+  Explicit: JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES, JAX_PROCESS_ID); auto-detected: a
+  multi-task SLURM or Open MPI job, a multi-host Cloud TPU slice. Must run before any JAX
+  computation. Returns True when it initialised.
+  """
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    kwargs = {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"]}
+    if env.get("JAX_NUM_PROCESSES"):
+      kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+    if env.get("JAX_PROCESS_ID"):
+      kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    if env.get("JAX_LOCAL_DEVICE_IDS"):
+      kwargs["local_device_ids"] = [int(i) for i in env["JAX_LOCAL_DEVICE_IDS"].split(",")]
+    jax.distributed.initialize(**kwargs)
+    return True
+  multi_task = (int(env.get("SLURM_NTASKS", "1")) > 1
+                or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+                or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+  if multi_task:
+    jax.distributed.initialize()
+    return True
+  return False
+
+
+def make_mesh(fsdp: int = 1) -> Mesh:
+  """A ('data', 'fsdp') mesh over all devices of all processes; data = devices / fsdp."""
+  n = jax.device_count()
+  if fsdp < 1 or n % fsdp:
+    raise ValueError(f"mesh.fsdp={fsdp} must be >= 1 and divide the device count {n}")
+  try:
+    devices = mesh_utils.create_device_mesh((n // fsdp, fsdp), allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError):
+    devices = np.asarray(jax.devices()).reshape(n // fsdp, fsdp)
+  return Mesh(devices, ("data", "fsdp"))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over every device."""
+  return NamedSharding(mesh, P(DATA_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape, fsdp: int, min_elements: int = 1024) -> P:
+  """big_vision-style rule: shard the largest dimension divisible by fsdp; small leaves replicate."""
+  if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_elements:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp == 0:
+      spec = [None] * len(shape)
+      spec[dim] = "fsdp"
+      return P(*spec)
+  logging.info("fsdp: no dimension of %s divisible by %d; replicating", shape, fsdp)
+  return P()
+
+
+def state_shardings(mesh: Mesh, abstract_tree, min_elements: int = 1024):
+  """NamedShardings for every leaf of a (shape-only) pytree: replicated, or fsdp-sharded."""
+  fsdp = mesh.shape["fsdp"]
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp, min_elements)), abstract_tree)
+
+
+def global_batch(local_batch, sharding: NamedSharding):
+  """Process-local numpy batch -> global jax.Array batch (each process holds its own rows)."""
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def process_batch_size(global_batch_size: int) -> int:
+  """This process's share of the global batch, with a clear error when it does not split."""
+  n_dev, n_proc = jax.device_count(), jax.process_count()
+  if global_batch_size % n_dev:
+    raise ValueError(f"batch_size={global_batch_size} must be divisible by the number of devices "
+                     f"({n_dev})")
+  return global_batch_size // n_proc

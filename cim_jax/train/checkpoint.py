@@ -1,0 +1,164 @@
+"""Orbax checkpoints: one composite item (train state + grain iterator state + config) per step."""
+
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+import grain.checkpoint as grain_checkpoint
+
+from cim_jax.train import state as state_lib
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class Checkpointer:
+  """Saves every N steps (async) and at the end, keeps the last K, restores the newest good one."""
+
+  def __init__(self, workdir: str, keep: int, *, async_save: bool = True):
+    self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save),
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "data": grain_checkpoint.CheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+        })
+
+  def save(self, step: int, train_state, data_iterator, config) -> None:
+    """Starts an async save; a step only becomes visible (restorable) once fully written."""
+    items = dict(state=ocp.args.StandardSave(train_state),
+                 config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
+    if data_iterator is not None:
+      items["data"] = grain_checkpoint.CheckpointSave(data_iterator)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def latest_good_step(self):
+    return self.manager.latest_step()
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  def restore_latest(self, abstract_state, data_iterator):
+    """Restores the newest readable checkpoint into `abstract_state`'s shardings.
+
+    Returns (step, state) or None when there is none. An unreadable checkpoint is moved aside to
+    `corrupt_<step>` with a warning naming it and the step fallen back to.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      items = dict(state=ocp.args.StandardRestore(abstract_state))
+      if data_iterator is not None:
+        items["data"] = grain_checkpoint.CheckpointRestore(data_iterator)
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+      except Exception as e:  # pylint: disable=broad-except  (any failure means unreadable)
+        fallback = steps[i + 1] if i + 1 < len(steps) else None
+        logging.warning(
+            "checkpoint step %d in %s is unreadable (%s: %s); falling back to %s", step,
+            self.directory, type(e).__name__, str(e).splitlines()[0] if str(e) else "",
+            f"step {fallback}" if fallback is not None else "a fresh start (no older checkpoint)")
+        self._quarantine(step)
+        continue
+      return step, restored["state"]
+    return None
+
+  def _quarantine(self, step: int) -> None:
+    """Moves a bad step out of orbax's view so later saves of that step number do not collide."""
+    if jax.process_index() == 0:
+      src = self.directory / str(step)
+      dst = self.directory / f"corrupt_{step}"
+      if dst.exists():
+        dst.rmtree()
+      if src.exists():
+        src.rename(dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"quarantine_{step}")
+    self.manager.reload()
+
+
+def restore_state_anywhere(directory, sharding, step=None):
+  """(step, saved train state as a dict tree) with every leaf placed in `sharding`.
+
+  Works whatever mesh / device count wrote the checkpoint (a warm start on another topology);
+  (None, None) when the directory holds no finished checkpoint.
+  """
+  with ocp.CheckpointManager(directory, item_handlers={
+      "state": ocp.StandardCheckpointHandler()}) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      return None, None
+    metadata = manager.item_metadata(step)["state"]
+    metadata = getattr(metadata, "tree", metadata)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                          metadata)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))
+  return step, restored["state"]
+
+
+def check_warm_start_path(path: str) -> None:
+  """Fails fast (before any compilation) when init_from names nothing usable."""
+  if path and not os.path.exists(path):
+    raise ValueError(f"init_from={path!r}: no such work dir or checkpoint file")
+
+
+def load_warm_start(path: str, model, sharding):
+  """params and target_params (host trees) from a run's work dir, an authors' .pth or a .msgpack."""
+  path = os.fspath(path)
+  if path.endswith((".pth", ".pt", ".msgpack")):
+    from cim_jax import interop  # pylint: disable=g-import-not-at-top
+    if not os.path.isfile(path):
+      raise ValueError(f"init_from={path!r}: no such file")
+    if path.endswith(".msgpack"):
+      return interop.load_params(path)
+    params, target_params, _ = interop.import_authors_state_dict(
+        interop.load_torch_state_dict(path), model)
+    return {"params": params, "target_params": target_params}
+  directory = epath.Path(path)
+  if (directory / CHECKPOINT_DIR).exists():
+    directory = directory / CHECKPOINT_DIR
+  if not directory.exists():
+    raise ValueError(f"init_from={path!r}: no such work dir or checkpoint file")
+  step, state = restore_state_anywhere(directory, sharding)
+  if step is None:
+    raise ValueError(f"init_from={path!r}: no finished checkpoint in {directory}")
+  logging.info("warm start from %s step %d", directory, step)
+  return {"params": state["params"], "target_params": state["target_params"]}
+
+
+def apply_warm_start(train_state: state_lib.TrainState, loaded, source: str):
+  """Replaces params / target params with `loaded`, checking shapes and keeping shardings."""
+
+  def put(current, new, name):
+    cur_flat, treedef = jax.tree_util.tree_flatten_with_path(current)
+    new_flat = dict((jax.tree_util.keystr(p), v)
+                    for p, v in jax.tree_util.tree_flatten_with_path(new)[0])
+    leaves = []
+    for p, leaf in cur_flat:
+      key = jax.tree_util.keystr(p)
+      if key not in new_flat:
+        raise ValueError(f"init_from={source!r}: {name}{key} missing from the checkpoint")
+      value = new_flat[key]
+      if not isinstance(value, jax.Array):
+        value = np.asarray(value)
+      if value.shape != leaf.shape:
+        raise ValueError(f"init_from={source!r}: {name}{key} has shape {value.shape}, the model "
+                         f"expects {leaf.shape}")
+      leaves.append(jax.device_put(value.astype(leaf.dtype), leaf.sharding))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+  return train_state.replace(
+      params=put(train_state.params, loaded["params"], "params"),
+      target_params=put(train_state.target_params, loaded["target_params"], "target_params"))

@@ -1,0 +1,125 @@
+"""The pure train step and its one jit compilation over the mesh."""
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cim_jax import sharding
+from cim_jax.train import optimizer as optimizer_lib
+from cim_jax.train import schedules
+from cim_jax.train import state as state_lib
+
+
+def ema_update(online, target, momentum):
+  """target <- momentum * target + (1 - momentum) * online (BYOL / optax.incremental_update)."""
+  return optax.incremental_update(online, target, step_size=1.0 - momentum)
+
+
+def make_train_step(model, tx, lr_schedule, momentum_schedule, accum_steps: int,
+                    frozen_mask=None):
+  """Builds `train_step(state, batch, rng) -> (state, metrics)`; pure, so jit it once."""
+
+  def train_step(state: state_lib.TrainState, batch, rng):
+    # Randomness depends only on (seed, step): a resumed run draws what an unbroken run would.
+    step_rng = jax.random.fold_in(rng, state.step)
+    target_params = jax.lax.stop_gradient(state.target_params)
+
+    def loss_fn(params):
+      return model.apply(params, target_params, state.model_state, batch, train=True,
+                         rng=step_rng)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    step = state.step + 1
+    optimizer_step = step // accum_steps - 1  # index of the optimizer step taken (if any) now
+    momentum = momentum_schedule(jnp.maximum(optimizer_step, 0))
+    new_target = ema_update(state_lib.online_like(params, state.target_params),
+                            state.target_params, momentum)
+    if accum_steps > 1:
+      # Params only move on the last micro-batch of each accumulation cycle; so does the EMA.
+      is_update = step % accum_steps == 0
+      new_target = jax.tree.map(lambda n, o: jnp.where(is_update, n, o), new_target,
+                                state.target_params)
+
+    if frozen_mask is not None:  # report the norm the optimizer sees (frozen leaves excluded)
+      grads = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, frozen_mask)
+    grad_norm = optax.global_norm(grads)
+    metrics = dict(aux.get("metrics", {}))
+    metrics.update(
+        loss=loss, grad_norm=grad_norm, momentum=momentum,
+        lr=lr_schedule(jnp.maximum(optimizer_step, 0)),
+        param_norm=optax.global_norm(params),
+        finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+    new_state = state.replace(step=step, params=params, target_params=new_target,
+                              opt_state=opt_state,
+                              model_state=aux.get("model_state", state.model_state))
+    return new_state, metrics
+
+  return train_step
+
+
+def compile_train_step(train_step, state_shardings, batch_sharding, replicated):
+  """jax.jit with explicit in/out shardings; the state is donated (updated in place)."""
+  return jax.jit(train_step,
+                 in_shardings=(state_shardings, batch_sharding, replicated),
+                 out_shardings=(state_shardings, replicated),
+                 donate_argnums=(0,))
+
+
+@dataclasses.dataclass
+class Trainer:
+  """The model, optimizer, schedules, shardings and the jitted step of one configuration."""
+  model: Any
+  tx: optax.GradientTransformation
+  lr_schedule: Callable
+  momentum_schedule: Callable
+  frozen_mask: Any
+  init_fn: Callable  # (rng, host batch) -> TrainState
+  abstract_state: Any
+  state_shardings: Any
+  batch_sharding: jax.sharding.NamedSharding
+  train_step: Callable  # jitted (state, global batch, rng) -> (state, metrics); state donated
+
+  def init_state(self, rng, example_batch):
+    """A freshly initialised state, created directly in its shardings."""
+    if not hasattr(self, "_jitted_init"):
+      self._jitted_init = jax.jit(self.init_fn, out_shardings=self.state_shardings)
+    return self._jitted_init(rng, example_batch)
+
+  def abstract_sharded_state(self):
+    """ShapeDtypeStructs carrying the shardings (restore targets)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self.abstract_state, self.state_shardings)
+
+
+def build_trainer(config, model, mesh, counts) -> Trainer:
+  """Everything between a config and a compiled train step (shared by the loop, tests, bench)."""
+  example = state_lib.dummy_batch(config.data)
+  rng = jax.random.PRNGKey(0)
+  abstract_params, _ = jax.eval_shape(
+      lambda r, b: state_lib.init_variables(model, r, b), rng, example)
+  to_bool = lambda tree: jax.tree.map(bool, tree)
+  frozen_mask = to_bool(model.frozen_mask(abstract_params))
+  decay_mask = to_bool(model.weight_decay_mask(abstract_params, config.optim.wd_exempt))
+  tx, lr_schedule = optimizer_lib.build_optimizer(config, frozen_mask, decay_mask, counts)
+  momentum_schedule = schedules.ema_momentum(config.ema.momentum_start, config.ema.momentum_end,
+                                             counts.optimizer_steps)
+
+  def init_fn(rng, batch):
+    return state_lib.init_train_state(model, tx, rng, batch)
+
+  abstract_state = jax.eval_shape(init_fn, rng, example)
+  state_shardings = sharding.state_shardings(mesh, abstract_state)
+  batch_sharding = sharding.batch_sharding(mesh)
+  train_step = compile_train_step(
+      make_train_step(model, tx, lr_schedule, momentum_schedule, counts.accum_steps, frozen_mask),
+      state_shardings, batch_sharding, sharding.replicated(mesh))
+  return Trainer(model=model, tx=tx, lr_schedule=lr_schedule,
+                 momentum_schedule=momentum_schedule, frozen_mask=frozen_mask, init_fn=init_fn,
+                 abstract_state=abstract_state, state_shardings=state_shardings,
+                 batch_sharding=batch_sharding, train_step=train_step)

@@ -1,0 +1,146 @@
+"""Shared by the trainer tests: a tiny, fast CIM config, a subprocess runner, result readers.
+
+Run as a script it trains in a fresh process (the way tests kill, preempt or multiply it):
+  python tests/train_fixtures.py WORKDIR [key=value ...]
+"""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+from cim_jax import config_defaults  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cim_jax.models import vit  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# A 2-block, 64-wide ViT for tests only: compiles in seconds, same code paths as T/S/B/L/H.
+vit._SIZES.setdefault("Mu", (64, 2, 2))  # pylint: disable=protected-access
+
+
+def tiny_config(**overrides):
+  """A tiny model on small pairs: seconds per run on one CPU core."""
+  c = config_defaults.pretrain_config("tiny")
+  c.model.variant = "Mu/16"
+  c.model.decoder_dim = 32
+  c.model.decoder_heads = 2
+  c.data.context_size = 32
+  c.data.exemplar_size = 16
+  c.data.num_exemplars = 2
+  c.data.search_size = 48
+  c.data.num_images = 16
+  c.batch_size = 8
+  c.num_train_steps = 6
+  c.optim.warmup_steps = 2
+  c.optim.base_lr = 1e-3
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 2
+  c.keep_checkpoints = 5
+  c.progress_bar = False
+  c.mesh.fsdp = 1
+  for key, value in overrides.items():
+    set_key(c, key, value)
+  return c
+
+
+def set_key(config, dotted: str, value):
+  *parents, leaf = dotted.split(".")
+  for p in parents:
+    config = config[p]
+  config[leaf] = value
+
+
+def read_metrics(workdir):
+  """Rows of workdir/metrics.jsonl keyed by step (a later row for a step replaces an earlier)."""
+  rows = {}
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      row = json.loads(line)
+      rows[row["step"]] = row
+  return rows
+
+
+def read_checkpoint(workdir, step=None):
+  """The saved train state (numpy pytree) at `step` (default: latest)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from cim_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  _, state = checkpoint.restore_state_anywhere(os.path.join(workdir, "checkpoints"), device, step)
+  return jax.device_get(state)
+
+
+# Compiled executables are shared by the test processes (compiling dominates their run time).
+XLA_CACHE = os.path.join(tempfile.gettempdir(), f"cim_jax_test_xla_cache_{os.getuid()}")
+CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": XLA_CACHE,
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache():
+  """In-process tests share compiled executables with the other trainer tests (import it)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  previous = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  yield
+  jax.config.update("jax_compilation_cache_dir", previous)
+
+
+def subprocess_env(devices: int = 1, **extra):
+  env = dict(os.environ, **CACHE_ENV)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH", "")) if p)
+  env.update({k: str(v) for k, v in extra.items()})
+  return env
+
+
+def start_run(workdir, overrides=(), devices: int = 1, **env):
+  """Starts training in a fresh process; returns the Popen."""
+  cmd = [sys.executable, os.path.abspath(__file__), str(workdir)] + list(overrides)
+  return subprocess.Popen(cmd, env=subprocess_env(devices, **env), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _main(argv):
+  import jax  # pylint: disable=g-import-not-at-top
+  from cim_jax import sharding  # pylint: disable=g-import-not-at-top
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  sharding.maybe_initialize_distributed()
+  from cim_jax.train import loop  # pylint: disable=g-import-not-at-top
+  workdir, overrides = argv[0], argv[1:]
+  config = tiny_config()
+  for item in overrides:
+    key, value = item.split("=", 1)
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass
+    set_key(config, key, value)
+  result = loop.train(config, workdir)
+  # Each process reports what it holds, so multi-process tests can compare processes.
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  gather = lambda x: np.asarray(x if x.is_fully_addressable else
+                                multihost_utils.process_allgather(x, tiled=True))
+  params = {jax.tree_util.keystr(p): gather(x) for p, x in
+            jax.tree_util.tree_flatten_with_path(result.state.params)[0]}
+  np.savez(os.path.join(workdir, f"params_process{jax.process_index()}.npz"), **params)
+  sharded = [x for x in jax.tree.leaves(result.state) if not x.sharding.is_fully_replicated]
+  report = dict(result.metrics, sharded_leaves=len(sharded), devices=jax.device_count(),
+                processes=jax.process_count())
+  with open(os.path.join(workdir, f"final_process{jax.process_index()}.json"), "w") as f:
+    json.dump(report, f)
+  print("TRAINING DONE", json.dumps(result.metrics), flush=True)
+
+
+if __name__ == "__main__":
+  _main(sys.argv[1:])
