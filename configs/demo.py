@@ -12,10 +12,10 @@ from cim_jax import config_defaults
 def get_config():
   config = config_defaults.pretrain_config("tiny")
   config.batch_size = 32
-  config.num_train_steps = 300
+  config.num_train_steps = 180
   # A short run needs a larger learning rate than the 300-epoch recipe (1.5e-4 * 32/256).
   config.optim.base_lr = 1.5e-3
-  config.optim.warmup_steps = 30
+  config.optim.warmup_steps = 20
   config.data.source = "embedded"
   config.data.num_workers = 0
   config.log_every_steps = 10

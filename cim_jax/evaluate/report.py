@@ -63,10 +63,27 @@ def run(config, workdir: str, result=None, *, params=None, target_params=None,
         report[f"knn/{name}/{key}"] = value
 
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
+    path = os.path.join(workdir, "report.json")
+    with open(path, "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
-    for key, value in report.items():
-      line = f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}"
-      logging.info("report %s", line)
-      print(line)
+    print(format_report(report, config))
+    logging.info("report written to %s", path)
   return report
+
+
+def format_report(report: dict[str, Any], config) -> str:
+  """The report as a small side-by-side table (before | after, random | pretrained)."""
+  lines = ["", "=== CIM pre-training report ==="]
+  if "pretext_iou/before" in report:
+    lines.append(f"{'':42}{'before':>10}{'after':>10}")
+    lines.append(f"{'pretext mean IoU (held-out pairs)':42}"
+                 f"{report['pretext_iou/before']:10.4f}{report['pretext_iou/after']:10.4f}")
+  knn_keys = sorted({k.split("/", 2)[2] for k in report if k.startswith("knn/")})
+  if knn_keys:
+    lines.append(f"{'':42}{'random':>10}{'pretrained':>12}")
+    for key in knn_keys:
+      label = f"kNN {config.eval.labelled_source} {key} (%)"
+      lines.append(f"{label:42}{report[f'knn/random_init/{key}']:10.2f}"
+                   f"{report[f'knn/pretrained/{key}']:12.2f}")
+  lines += [f"{k.split('/', 1)[1]}: {v}" for k, v in report.items() if k.startswith("png/")]
+  return "\n".join(lines)

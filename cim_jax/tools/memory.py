@@ -63,7 +63,6 @@ def _abstract_step(config: ml_collections.ConfigDict):
   import jax  # pylint: disable=g-import-not-at-top
   from cim_jax import sharding  # pylint: disable=g-import-not-at-top
   from cim_jax.models import cim  # pylint: disable=g-import-not-at-top
-  from cim_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from cim_jax.train import schedules  # pylint: disable=g-import-not-at-top
   from cim_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from cim_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
@@ -72,32 +71,14 @@ def _abstract_step(config: ml_collections.ConfigDict):
   model = cim.build_model(config.model, config.data)
   # Schedules change constants, not buffers: any data set size gives the same memory.
   counts = schedules.step_counts(config, num_examples=config.batch_size)
-  init_rng = jax.random.PRNGKey(config.seed)
-  example = state_lib.dummy_batch(config.data, batch_size=1)
-  abstract_params, _ = jax.eval_shape(
-      lambda rng, batch: state_lib.init_variables(model, rng, batch), init_rng, example)
-  to_bool = lambda tree: jax.tree.map(bool, tree)
-  frozen_mask = to_bool(model.frozen_mask(abstract_params))
-  decay_mask = to_bool(model.weight_decay_mask(abstract_params, config.optim.wd_exempt))
-  tx, lr_schedule = optimizer_lib.build_optimizer(config, frozen_mask, decay_mask, counts)
-  momentum_schedule = schedules.ema_momentum(config.ema.momentum_start, config.ema.momentum_end,
-                                             counts.optimizer_steps)
-  abstract_state = jax.eval_shape(
-      lambda rng, batch: state_lib.init_train_state(model, tx, rng, batch), init_rng, example)
-  state_shardings = sharding.state_shardings(mesh, abstract_state)
-  batch_sharding = sharding.batch_sharding(mesh)
-  replicated = sharding.replicated(mesh)
-
-  with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-  state = jax.tree.map(with_sharding, abstract_state, state_shardings)
+  trainer = step_lib.build_trainer(config, model, mesh, counts)
+  state = trainer.abstract_sharded_state()
   batch = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype,
-                                   sharding=batch_sharding) for k, v in example.items()}
-  rng = with_sharding(jax.eval_shape(lambda: init_rng), replicated)
-  train_step = step_lib.compile_train_step(
-      step_lib.make_train_step(model, tx, lr_schedule, momentum_schedule, counts.accum_steps,
-                               frozen_mask),
-      state_shardings, batch_sharding, replicated)
-  return train_step, state, batch, rng, mesh
+                                   sharding=trainer.batch_sharding)
+           for k, v in state_lib.dummy_batch(config.data, batch_size=1).items()}
+  key = jax.eval_shape(lambda: jax.random.PRNGKey(config.seed))
+  rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
+  return trainer.train_step, state, batch, rng, mesh
 
 
 def measure(config: ml_collections.ConfigDict) -> MemoryReport:
