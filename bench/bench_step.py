@@ -3,6 +3,7 @@
   python bench/bench_step.py                  # CPU: ViT-Ti @ 32 and ViT-B @ 8, ours vs PyTorch
   python bench/bench_step.py --cases=B/16:256 --dtype=bfloat16 --max_batch   # GPU / TPU
   python bench/bench_step.py --cases=L/16:64 --fsdp=8 --no_torch --pipeline
+  python bench/bench_step.py --cases=B/16:512 --attention_impl=xla,cudnn --no_torch   # GPU
 
 Sizes are DESIGN.md's (context 160, 6 exemplars of 64) unless overridden. "device batch" times
 the jitted step on a batch already on device; "with pipeline" adds grain pair generation and the
@@ -52,9 +53,10 @@ def measured_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
   return 2 * n**3 * repeats / (time.perf_counter() - t)
 
 
-def bench_config(variant: str, batch: int, args):
+def bench_config(variant: str, batch: int, args, attention_impl: str = ""):
   c = config_defaults.pretrain_config("base")
   c.model.variant = variant
+  c.model.attention_impl = attention_impl
   c.model.dtype = args.dtype
   c.model.remat = args.remat
   c.batch_size = batch
@@ -131,11 +133,12 @@ class Ours:
     self.rng = jax.random.PRNGKey(1)
     self.batch = sharding.global_batch(synthetic_batch(config), self.trainer.batch_sharding)
     t = time.perf_counter()
-    lowered = self.trainer.train_step.lower(self.state, self.batch, self.rng)
-    lowered.compile()
+    # One trace and one compilation: the FLOPs come from the traced jaxpr and the timed calls go
+    # to the compiled executable (jit's own cache would compile the same program a second time).
+    traced = self.trainer.train_step.trace(self.state, self.batch, self.rng)
+    self.step = traced.lower().compile()
     self.compile_seconds = time.perf_counter() - t
-    self.flops = matmul_flops(
-        jax.make_jaxpr(self.trainer.train_step)(self.state, self.batch, self.rng).jaxpr)
+    self.flops = matmul_flops(traced.jaxpr.jaxpr)
 
   def run(self, steps: int, batches=None) -> float:
     """Seconds per step over `steps` (after the first, compiling call has been made)."""
@@ -143,7 +146,7 @@ class Ours:
     for _ in range(steps):
       batch = self.batch if batches is None else sharding.global_batch(
           next(batches), self.trainer.batch_sharding)
-      self.state, metrics = self.trainer.train_step(self.state, batch, self.rng)
+      self.state, metrics = self.step(self.state, batch, self.rng)
     jax.block_until_ready(metrics["loss"])
     return (time.perf_counter() - t) / steps
 
@@ -185,6 +188,9 @@ def main(argv=None):
   parser.add_argument("--cases", default="Ti/16:32,B/16:8" if on_cpu else "B/16:256",
                       help="comma-separated VARIANT:GLOBAL_BATCH")
   parser.add_argument("--dtype", default="float32" if on_cpu else "bfloat16")
+  parser.add_argument("--attention_impl", default="",
+                      help="comma-separated attention kernels to compare per case: xla, cudnn "
+                           "(cuDNN fused attention; NVIDIA GPU with bfloat16/float16 only)")
   parser.add_argument("--steps", type=int, default=3 if on_cpu else 20, help="timed steps/round")
   parser.add_argument("--rounds", type=int, default=2, help="alternating ours/torch rounds")
   parser.add_argument("--fsdp", type=int, default=1)
@@ -194,7 +200,7 @@ def main(argv=None):
   parser.add_argument("--settle", type=float, default=2.0,
                       help="seconds of idle after each torch round (its threads spin-wait)")
   parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch comparison")
-  parser.add_argument("--pipeline", action="store_true", default=on_cpu,
+  parser.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=on_cpu,
                       help="also time with the input pipeline included")
   parser.add_argument("--max_batch", action="store_true",
                       help="double the batch from the given one until it no longer fits")
@@ -210,21 +216,68 @@ def main(argv=None):
   print(f"device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()}), "
         f"dtype {args.dtype}, peak/device {peak:.3g} FLOP/s ({peak_note}); "
         f"torch threads {args.torch_threads}. Shared machine: figures are noisy.", flush=True)
+  print(f"jax {jax.__version__}, {installed_versions()}{cudnn_version()}; "
+        f"devices {jax.devices()}", flush=True)
   args.peak = peak
+  impls = args.attention_impl.split(",")
+  for impl in impls:
+    if impl not in ("", "xla", "cudnn"):
+      parser.error(f"--attention_impl: unknown kernel {impl!r}; expected xla or cudnn")
   print_header()
   for case in args.cases.split(","):
     variant, batch = case.split(":")
+    for impl in impls:
+      label = f"{variant} b{batch}" + (f" {impl}" if impl else "")
+      unsupported = unsupported_reason(impl, args.dtype)
+      if unsupported:
+        print(f"{label:<{CASE_WIDTH}}n/a ({unsupported})", flush=True)
+        continue
+      try:
+        print_row(dict(bench_case(variant, int(batch), args, impl), case=label))
+      except Exception as e:  # pylint: disable=broad-except  (report and go on to the next case)
+        message = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"{label:<{CASE_WIDTH}}n/a (failed: {type(e).__name__}: {message})", flush=True)
+
+
+def installed_versions() -> str:
+  """'jaxlib X[, jax-cuda12-plugin Y]': what the JAX runtime is made of (informational)."""
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  found = []
+  for name in ("jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin"):
     try:
-      print_row(bench_case(variant, int(batch), args))
-    except Exception as e:  # pylint: disable=broad-except  (report and go on to the next case)
-      print(f"{case}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+      found.append(f"{name} {metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+      pass
+  return ", ".join(found)
 
 
-def bench_case(variant, batch, args):
+def cudnn_version() -> str:
+  """', cuDNN <version>' on NVIDIA GPUs ('' elsewhere or when unknown)."""
+  if jax.default_backend() != "gpu":
+    return ""
+  try:
+    from jax._src.lib import cuda_versions  # pylint: disable=g-import-not-at-top  (no public API)
+    return f", cuDNN {cuda_versions.cudnn_get_version()}"
+  except Exception:  # pylint: disable=broad-except  (informational only)
+    return ""
+
+
+def unsupported_reason(attention_impl: str, dtype: str) -> str:
+  """Why this attention kernel cannot run here ('' when it can)."""
+  if attention_impl != "cudnn":
+    return ""
+  if jax.default_backend() != "gpu":
+    return f"cudnn attention needs an NVIDIA GPU, backend is {jax.default_backend()}"
+  if dtype not in ("bfloat16", "float16"):
+    return f"cudnn attention needs bfloat16/float16, dtype is {dtype}"
+  return ""
+
+
+def bench_case(variant, batch, args, attention_impl: str = ""):
   """Times one VARIANT:BATCH case: ours (device batch, with pipeline) and PyTorch."""
   if args.max_batch:
-    batch = largest_batch(variant, batch, args)
-  config = bench_config(variant, batch, args)
+    batch = largest_batch(variant, batch, args, attention_impl)
+  config = bench_config(variant, batch, args, attention_impl)
   ours = Ours(config)
   ours.run(1)  # first call: executable load + warm-up
   torch_model = None if args.no_torch else Torch(config, args.torch_threads)
@@ -254,12 +307,12 @@ def bench_case(variant, batch, args):
   return row
 
 
-def largest_batch(variant, batch, args):
+def largest_batch(variant, batch, args, attention_impl: str = ""):
   """Doubles the batch while a step still fits in device memory."""
   fits = None
   while True:
     try:
-      ours = Ours(bench_config(variant, batch, args))
+      ours = Ours(bench_config(variant, batch, args, attention_impl))
       ours.run(1)
       del ours
       fits, batch = batch, batch * 2
@@ -272,7 +325,8 @@ def largest_batch(variant, batch, args):
       return fits
 
 
-HEADER = (f"{'case':<12}{'ours s/step':>12}{'samples/s':>11}{'MFU':>8}"
+CASE_WIDTH = 20
+HEADER = (f"{'case':<{CASE_WIDTH}}{'ours s/step':>12}{'samples/s':>11}{'MFU':>8}"
           f"{'torch s/step':>13}{'ours/torch':>11}{'w/ pipeline':>12}{'compile s':>10}")
 
 
@@ -286,7 +340,7 @@ def print_row(r):
   torch_s = f"{r['torch']:.3f}" if "torch" in r else "-"
   ratio = f"{r['ratio']:.2f}" if "ratio" in r else "-"
   pipe = f"{r['with_pipeline']:.3f}" if "with_pipeline" in r else "-"
-  print(f"{r['case']:<12}{r['ours']:>12.3f}{r['sps']:>11.1f}{r['mfu']:>8.1%}"
+  print(f"{r['case']:<{CASE_WIDTH}}{r['ours']:>12.4f}{r['sps']:>11.1f}{r['mfu']:>8.1%}"
         f"{torch_s:>13}{ratio:>11}{pipe:>12}{r['compile']:>10.1f}", flush=True)
 
 

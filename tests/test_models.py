@@ -1,7 +1,9 @@
 """Encoder / decoder / CIM model: parity with timm and torch, losses, gradients, masks."""
 
 import functools
+import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,6 +180,24 @@ def test_block_outputs_and_attention_choice():
     vit.encoder_from_config(config)
 
 
+def test_patch_embed_matmul_equals_conv_with_same_params():
+  """The matmul patch embedding keeps nn.Conv's parameter tree, init and outputs."""
+  images = _images(2, 48)
+  conv = nn.Conv(24, (16, 16), strides=(16, 16), padding="VALID", kernel_init=(
+      nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)))
+  embed = vit.PatchEmbed(24, 16)
+  conv_params = conv.init(jax.random.key(3), images)["params"]
+  params = embed.init(jax.random.key(3), images)["params"]
+  assert jax.tree.map(jnp.shape, params) == {"kernel": (16, 16, 3, 24), "bias": (24,)}
+  np.testing.assert_array_equal(params["kernel"], conv_params["kernel"])
+  params = _randomize(params, seed=4)  # a non-zero bias too
+  out = embed.apply({"params": params}, images)
+  assert out.shape == (2, 3, 3, 24)
+  np.testing.assert_allclose(out, conv.apply({"params": params}, images), atol=1e-5)
+  with pytest.raises(ValueError, match="multiples of 16"):
+    embed.apply({"params": params}, images[:, :40])
+
+
 def test_bad_inputs_raise_clear_errors():
   encoder = vit.VisionTransformer(width=32, depth=1, num_heads=2, patch_size=16)
   with pytest.raises(ValueError, match="multiple of patch"):
@@ -201,6 +221,14 @@ def test_upsample_matches_torch_align_corners(in_size, out_size):
                                              align_corners=True)
   expected = expected.permute(0, 2, 3, 1).reshape(2, 3, out_size, out_size, 2).numpy()
   np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+def test_plane_upsampling_equals_channel_upsampling():
+  maps = np.random.default_rng(1).normal(size=(2, 3, 5, 5)).astype(np.float32)
+  plane = decoder_lib.upsample_plane_align_corners(jnp.asarray(maps), 40)
+  channel = decoder_lib.upsample_align_corners(jnp.asarray(maps)[..., None], 40)[..., 0]
+  assert plane.shape == (2, 3, 40, 40)
+  np.testing.assert_allclose(plane, channel, atol=1e-6)
 
 
 def test_decoder_batches_exemplars_like_separate_calls():
@@ -287,6 +315,20 @@ def test_correlation_loss_equals_hand_computation():
                              expected, rtol=1e-5)
 
 
+def test_correlation_loss_from_difference_is_stable_softmax_ce():
+  logits = np.array([[[[[0.0, 100.0], [100.0, 0.0], [3.0, -2.0]]]]], np.float32)  # (1,1,1,3,2)
+  masks = np.array([[[[0, 0, 1]]]])
+  # Per-pixel CE: 100, 100 and log(1 + e^5) + ... computed by hand in float64.
+  z = logits.astype(np.float64)[0, 0, 0]
+  expected = np.mean([np.log(np.exp(z[i]).sum()) - z[i, m] for i, m in enumerate(masks[0, 0, 0])])
+  difference = jnp.asarray(logits[..., 1] - logits[..., 0])
+  loss = cim.correlation_loss_from_difference(difference, jnp.asarray(masks))
+  assert np.isfinite(loss)
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  np.testing.assert_allclose(cim.correlation_loss(jnp.asarray(logits), jnp.asarray(masks)),
+                             expected, rtol=1e-6)
+
+
 def test_normalize_images():
   images = np.array([[[[0, 128, 255]]]], np.uint8)
   out = np.asarray(cim.normalize_images(images))
@@ -359,6 +401,25 @@ def test_apply_equals_manual_composition(small):
 
   logits = manual(params, target)
   np.testing.assert_allclose(aux["correlation_logits"], logits, atol=1e-5)
+
+
+def _largest_float_array(hlo_text: str) -> int:
+  sizes = [np.prod([int(d) for d in dims.split(",") if d]) for dims in
+           re.findall(r"f32\[([\d,]*)\]", hlo_text)]
+  return int(max(sizes))
+
+
+def test_training_gradient_never_builds_full_resolution_logits(small):
+  """Only the one-channel difference map reaches 64x64 when the logits are not returned."""
+  model, batch, params = small
+  target = model.target_params_from(params)
+  loss_fn = lambda p: model.apply(p, target, {}, batch, train=True, rng=jax.random.key(0))[0]
+  train_hlo = jax.jit(jax.grad(loss_fn)).lower(params).compile().as_text()
+  eval_hlo = jax.jit(lambda p: model.apply(p, target, {}, batch, train=False)[1][
+      "correlation_logits"]).lower(params).compile().as_text()
+  full_logits = 2 * 2 * 64 * 64 * 2  # (B, N, C, C, 2); no other tensor of the model is as big
+  assert _largest_float_array(eval_hlo) == full_logits
+  assert _largest_float_array(train_hlo) < full_logits
 
 
 def test_gradients_skip_target_and_frozen_patch_projection(small):

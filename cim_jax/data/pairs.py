@@ -410,5 +410,9 @@ def masks_from_corners(corners, size: int, xp=np):
   # multiply-add to fuse, so every backend rounds exactly as numpy does.
   row_term = dx[..., None] * (centres - y0[..., None])  # (..., 4, size) over rows
   col_term = dy[..., None] * (centres - x0[..., None])  # (..., 4, size) over columns
-  inside = xp.all(row_term[..., :, :, None] >= col_term[..., :, None, :], axis=-3)
+  # AND of the 4 edge tests written out (not xp.all over an axis of 4): purely elementwise, so
+  # under jit it fuses into the per-pixel loss instead of being a separate reduction kernel.
+  inside = row_term[..., 0, :, None] >= col_term[..., 0, None, :]
+  for edge in range(1, 4):
+    inside = inside & (row_term[..., edge, :, None] >= col_term[..., edge, None, :])
   return inside & (orientation[..., 0] != 0)[..., None, None]

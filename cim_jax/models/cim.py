@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from cim_jax.models.decoder import CorrelationDecoder
+from cim_jax.models.decoder import CorrelationDecoder, upsample_align_corners
+from cim_jax.models.decoder import upsample_plane_align_corners
 from cim_jax.models.heads import MLPHead, info_nce_loss
 from cim_jax.models.vit import compute_dtype, encoder_from_config
 
@@ -27,9 +28,15 @@ def correlation_loss(correlation_logits, masks):
 
   correlation_logits (B, N, C, C, 2), masks (B, N, C, C) in {0, 1}.
   """
-  log_probs = jax.nn.log_softmax(correlation_logits.astype(jnp.float32), axis=-1)
-  labels = masks.astype(jnp.int32)[..., None]
-  nll = -jnp.take_along_axis(log_probs, labels, axis=-1)[..., 0]
+  logits = correlation_logits.astype(jnp.float32)
+  return correlation_loss_from_difference(logits[..., 1] - logits[..., 0], masks)
+
+
+def correlation_loss_from_difference(logit_difference, masks):
+  """`correlation_loss` from d = logit_1 - logit_0 (B, N, C, C): CE = softplus(-d) on mask pixels,
+  softplus(d) elsewhere (the 2-class softmax CE), float32."""
+  difference = logit_difference.astype(jnp.float32)
+  nll = jax.nn.softplus(jnp.where(masks.astype(bool), -difference, difference))
   return nll.mean(axis=(0, 2, 3)).sum()
 
 
@@ -187,15 +194,18 @@ class CIMModel:
     online_tokens = self.encode_exemplars(params["encoder"], exemplars, train=train, rng=rng)
     target_tokens = self.encode_context(target_params["encoder"], context,
                                         params["encoder"]["cls_token"])
-    correlation_logits = self.decoder.apply({"params": params["decoder"]}, target_tokens,
-                                            online_tokens)
-    masks = _masks_from_corners(batch["corners"], correlation_logits.shape[2])
-    corr_loss = correlation_loss(correlation_logits, masks)
-    predicted = correlation_logits[..., 1] > correlation_logits[..., 0]
+    grid_logits = self.decoder.apply({"params": params["decoder"]}, target_tokens, online_tokens,
+                                     upsample=False)
+    # Bilinear upsampling is linear and the 2-class CE depends only on logit_1 - logit_0, so the
+    # loss upsamples that one difference map instead of both logit maps (half the full-res work).
+    logit_difference = upsample_plane_align_corners(
+        grid_logits[..., 1] - grid_logits[..., 0], self.context_size)
+    masks = _masks_from_corners(batch["corners"], self.context_size)
+    corr_loss = correlation_loss_from_difference(logit_difference, masks)
     metrics = {
         "corr_loss": corr_loss,
         "mask_fraction": masks.astype(jnp.float32).mean(),
-        "pixel_accuracy": (predicted == masks.astype(bool)).astype(jnp.float32).mean(),
+        "pixel_accuracy": ((logit_difference > 0) == masks).astype(jnp.float32).mean(),
     }
     loss = self.corr_loss_weight * corr_loss
     new_model_state = model_state
@@ -206,6 +216,9 @@ class CIMModel:
       metrics["global_loss"] = global_loss
       loss = loss + self.global_loss_weight * global_loss
     metrics["loss"] = loss
+    # Full-resolution logits for evaluation; a jitted caller that drops them (the train step
+    # returns only metrics) never computes them: XLA removes unused outputs.
+    correlation_logits = upsample_align_corners(grid_logits, self.context_size)
     return loss, {"metrics": metrics, "correlation_logits": correlation_logits,
                   "model_state": new_model_state}
 

@@ -39,6 +39,14 @@ def upsample_align_corners(maps, size: int):
                     precision="highest")
 
 
+def upsample_plane_align_corners(plane, size: int):
+  """(..., h, w) -> (..., size, size): one channel of `upsample_align_corners`, float32."""
+  rows = jnp.asarray(align_corners_matrix(plane.shape[-2], size), jnp.float32)
+  cols = jnp.asarray(align_corners_matrix(plane.shape[-1], size), jnp.float32)
+  return jnp.einsum("yi,...ij,xj->...yx", rows, plane.astype(jnp.float32), cols,
+                    precision="highest")
+
+
 class CrossAttention(nn.Module):
   """Authors' `CrossAttention`: q from the context, kv (k rows first, then v) from exemplars."""
   num_heads: int
@@ -91,8 +99,12 @@ class CorrelationDecoder(nn.Module):
   attention_impl: Optional[str] = None  # None: JAX's choice (XLA); 'cudnn': fused GPU kernel
 
   @nn.compact
-  def __call__(self, context_tokens, exemplar_tokens):
-    """context_tokens (B, 1+Lc, D), exemplar_tokens (B, N, 1+Le, D) -> (B, N, C, C, 2) float32."""
+  def __call__(self, context_tokens, exemplar_tokens, upsample: bool = True):
+    """context_tokens (B, 1+Lc, D), exemplar_tokens (B, N, 1+Le, D) -> (B, N, C, C, 2) float32.
+
+    upsample=False returns the logits at patch-grid resolution (B, N, g, g, 2), float32; the
+    training loss upsamples only their difference (see cim.CIMModel.apply).
+    """
     if context_tokens.ndim != 3 or exemplar_tokens.ndim != 4:
       raise ValueError(f"expected context (B, 1+Lc, D) and exemplars (B, N, 1+Le, D), got "
                        f"{context_tokens.shape} and {exemplar_tokens.shape}")
@@ -111,4 +123,6 @@ class CorrelationDecoder(nn.Module):
     # 1x1 convolution == a Dense over channels; the authors init it N(0, 2 / (1*1*2)).
     logits = nn.Dense(2, dtype=self.dtype, kernel_init=nn.initializers.normal(1.0),
                       name="decoder_pred_mask")(x)
+    if not upsample:
+      return logits.astype(jnp.float32)
     return upsample_align_corners(logits, self.output_size)

@@ -179,6 +179,37 @@ class Block(nn.Module):
     return x + drop_path(y, deterministic)
 
 
+class PatchEmbed(nn.Module):
+  """Non-overlapping p x p patches -> width: nn.Conv's parameters and init, computed as one matmul.
+
+  A stride-p convolution is a matmul over flattened (row, col, channel) patches; written as one,
+  GPUs run it as a plain GEMM instead of a generic 3-channel cuDNN convolution kernel.
+  """
+  width: int
+  patch_size: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    """images (B, H, W, C) -> (B, H/p, W/p, width)."""
+    p = self.patch_size
+    if images.ndim != 4 or images.shape[1] % p or images.shape[2] % p:
+      raise ValueError(f"patch embedding needs (B, H, W, C) with H, W multiples of {p}, got "
+                       f"shape {images.shape}")
+    batch, height, width_px, channels = images.shape
+    # Xavier-uniform over (C*p*p -> width) as a Linear, like the authors' frozen projection.
+    kernel_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2),
+                                                   out_axis=3)
+    # Same names, shapes and creation order as nn.Conv: identical init, checkpoints and interop.
+    kernel = self.param("kernel", kernel_init, (p, p, channels, self.width), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.width,), jnp.float32)
+    grid_h, grid_w = height // p, width_px // p
+    patches = images.astype(self.dtype).reshape(batch, grid_h, p, grid_w, p, channels)
+    patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, grid_h, grid_w, p * p * channels)
+    out = jnp.dot(patches, kernel.astype(self.dtype).reshape(p * p * channels, self.width))
+    return out + bias.astype(self.dtype)
+
+
 class VisionTransformer(nn.Module):
   """ViT encoder; parameter names mirror timm's `VisionTransformer` (see cim_jax.interop)."""
   width: int = 768
@@ -209,12 +240,7 @@ class VisionTransformer(nn.Module):
     grid = (height // self.patch_size, width_px // self.patch_size)
     intermediates = {}
 
-    # Xavier-uniform over (3*p*p -> width) as a Linear, like the authors' frozen projection.
-    patch_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2),
-                                                  out_axis=3)
-    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
-                padding="VALID", dtype=self.dtype, kernel_init=patch_init, name="patch_embed")(
-                    images.astype(self.dtype))
+    x = PatchEmbed(self.width, self.patch_size, self.dtype, name="patch_embed")(images)
     x = x.reshape(x.shape[0], grid[0] * grid[1], self.width)
 
     own_cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.width), jnp.float32)
