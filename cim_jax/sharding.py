@@ -15,8 +15,9 @@ def maybe_initialize_distributed() -> bool:
   """Calls jax.distributed.initialize() when the environment describes a multi-process run.
 
   Explicit: JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES, JAX_PROCESS_ID); auto-detected: a
-  multi-task SLURM or Open MPI job, a multi-host Cloud TPU slice. Must run before any JAX
-  computation. Returns True when it initialised.
+  multi-task SLURM or Open MPI job, a multi-host Cloud TPU slice (GKE: TPU_WORKER_HOSTNAMES;
+  GCE TPU VMs: JAX's metadata-server detection). Must run before any JAX computation. Returns
+  True when it initialised.
   """
   env = os.environ
   if env.get("JAX_COORDINATOR_ADDRESS"):
@@ -31,11 +32,36 @@ def maybe_initialize_distributed() -> bool:
     return True
   multi_task = (int(env.get("SLURM_NTASKS", "1")) > 1
                 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-                or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+                or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+                or _detected_multiprocess_cluster() is not None)
   if multi_task:
-    jax.distributed.initialize()
+    jax.distributed.initialize()  # no arguments: JAX's own cluster detection fills them in
     return True
   return False
+
+
+def _cluster_types() -> list:
+  """JAX's cluster detectors (GCE / GKE TPU VMs, SLURM, Open MPI, k8s); private API, may move."""
+  from jax._src import clusters  # pylint: disable=g-import-not-at-top
+  detectors = clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
+  return [c for c in detectors if not c.opt_in_only_method]
+
+
+def _detected_multiprocess_cluster() -> str | None:
+  """Name of the cluster JAX's auto-detection finds when it has > 1 process, else None.
+
+  A GCE TPU VM slice keeps its worker list in the metadata server, not in the environment; JAX
+  reads it (only where libtpu found TPU chips, so CPU / GPU machines make no metadata query).
+  """
+  try:
+    for cluster in _cluster_types():
+      if cluster.is_env_present():
+        processes = cluster.get_process_count()
+        return cluster.__name__ if processes > 1 else None
+  except Exception as e:  # pylint: disable=broad-except  (detection is best effort)
+    logging.warning("JAX cluster detection failed (%s: %s); assuming a single process",
+                    type(e).__name__, e)
+  return None
 
 
 def make_mesh(fsdp: int = 1) -> Mesh:

@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from cim_jax.evaluate import visualize
 
@@ -77,7 +78,8 @@ def main(config, output_dir: str = "", metrics: str = ""):
   from cim_jax.models import cim
   from cim_jax.evaluate import common
   output_dir = output_dir or config.eval.output_dir or (
-      config.checkpoint if os.path.isdir(config.checkpoint) else ".")
+      config.checkpoint if config.checkpoint and epath.Path(config.checkpoint).is_dir() else ".")
+  out = epath.Path(output_dir)
   model = cim.build_model(config.model, config.data)
   pairs = pipeline.heldout_pairs(config)
   runs = {"random_init": random_init_params(model, config.seed)}
@@ -86,8 +88,8 @@ def main(config, output_dir: str = "", metrics: str = ""):
     runs["checkpoint"] = (loaded["params"], loaded["target_params"], runs["random_init"][2])
   for name, (params, target_params, model_state) in runs.items():
     result = evaluate_pretext(model, params, target_params, model_state, pairs,
-                              png=os.path.join(output_dir, f"correlation_{name}.png"), title=name)
+                              png=os.fspath(out / f"correlation_{name}.png"), title=name)
     print(f"{name:12s} pretext_iou={result['pretext_iou']:.4f} png={result['png']}")
   if metrics:
-    png = visualize.plot_training_curves(metrics, os.path.join(output_dir, "training_curves.png"))
+    png = visualize.plot_training_curves(metrics, os.fspath(out / "training_curves.png"))
     print(f"training curves: {png}")

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import jax
+from etils import epath
 
 from cim_jax.evaluate import common, knn, pretext, visualize
 
@@ -35,22 +36,23 @@ def run(config, workdir: str, result=None, *, params=None, target_params=None,
   before = pretext.random_init_params(model, config.seed)
   model_state = before[2] if model_state is None else model_state
   report: dict[str, Any] = {}
+  out = epath.Path(workdir)  # a local path or gs://... alike
 
   if config.eval.pretext_iou or config.eval.visualize:
     from cim_jax.data import pipeline
     pairs = pipeline.heldout_pairs(config)
     for name, (p, t, s) in (("before", before), ("after", (params, target_params, model_state))):
-      png = os.path.join(workdir, f"correlation_{name}.png") if config.eval.visualize else None
+      png = os.fspath(out / f"correlation_{name}.png") if config.eval.visualize else None
       outcome = pretext.evaluate_pretext(model, p, t, s, pairs, png=png,
                                          title=f"{name} pre-training")
       report[f"pretext_iou/{name}"] = outcome["pretext_iou"]
       if png:
         report[f"png/correlation_{name}"] = png
   if config.eval.visualize:
-    metrics_log = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(metrics_log):
+    metrics_log = out / "metrics.jsonl"
+    if metrics_log.exists():
       report["png/training_curves"] = visualize.plot_training_curves(
-          metrics_log, os.path.join(workdir, "training_curves.png"))
+          os.fspath(metrics_log), os.fspath(out / "training_curves.png"))
 
   if config.eval.knn:
     train, test = common.labelled_splits(config)
@@ -63,9 +65,8 @@ def run(config, workdir: str, result=None, *, params=None, target_params=None,
         report[f"knn/{name}/{key}"] = value
 
   if jax.process_index() == 0:
-    path = os.path.join(workdir, "report.json")
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
+    path = out / "report.json"
+    path.write_text(json.dumps(report, indent=2), encoding="utf-8")
     print(format_report(report, config))
     logging.info("report written to %s", path)
   return report

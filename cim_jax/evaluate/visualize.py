@@ -4,12 +4,14 @@ python -m cim_jax.evaluate.visualize --config=configs/demo.py --config.checkpoin
     [--output_dir=DIR] [--metrics=WORKDIR/metrics.jsonl]
 """
 
+import io
 import json
 import math
 import os
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
 # Anchor colours of matplotlib's 'inferno' map (dark = no match, bright = match).
@@ -153,9 +155,17 @@ def save_correlation_png(path: str, context: np.ndarray, exemplars: np.ndarray,
     canvas.paste(Image.fromarray(bar), (margin, top + 2 * cell))
     draw.text((margin + 16, top + 2 * cell), "p = 1", fill=(0, 0, 0), font=small)
     draw.text((margin + 16, top + 2 * cell + tile - 14), "p = 0", fill=(0, 0, 0), font=small)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  canvas.save(path)
-  return path
+  return save_png(canvas, path)
+
+
+def save_png(image: Image.Image, path) -> str:
+  """Writes `image` as PNG to a local or gs:// path (parents created); returns the path."""
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  buffer = io.BytesIO()  # encode in memory: PIL cannot write to object-store paths
+  image.save(buffer, format="PNG")
+  target.write_bytes(buffer.getvalue())
+  return os.fspath(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,7 +175,7 @@ def save_correlation_png(path: str, context: np.ndarray, exemplars: np.ndarray,
 def read_metrics(metrics_jsonl: str) -> list[dict]:
   """The records of a JSONL metrics log (one JSON object a line; blank lines skipped)."""
   records = []
-  with open(metrics_jsonl) as f:
+  with epath.Path(metrics_jsonl).open("r", encoding="utf-8") as f:
     for number, line in enumerate(f, 1):
       if line.strip():
         try:
@@ -260,9 +270,7 @@ def plot_training_curves(metrics_jsonl: str, png: str, keys: Sequence[str] | Non
       raise ValueError(f"{metrics_jsonl}: no finite values for {key!r}")
     steps, values = (np.asarray(c, np.float64) for c in zip(*rows))
     _draw_panel(draw, (0, i * panel_height, width, (i + 1) * panel_height), steps, values, key)
-  os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-  canvas.save(png)
-  return png
+  return save_png(canvas, png)
 
 
 if __name__ == "__main__":

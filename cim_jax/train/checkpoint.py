@@ -1,8 +1,11 @@
 """Orbax checkpoints: one composite item (train state + grain iterator state + config) per step."""
 
+import contextlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -110,21 +113,44 @@ def restore_state_anywhere(directory, sharding, step=None):
 
 def check_warm_start_path(path: str) -> None:
   """Fails fast (before any compilation) when init_from names nothing usable."""
-  if path and not os.path.exists(path):
+  if path and not epath.Path(path).exists():
     raise ValueError(f"init_from={path!r}: no such work dir or checkpoint file")
 
 
+def is_local(path) -> bool:
+  """True for a path on this machine's file system (no gs://, s3://, ... scheme)."""
+  return "://" not in os.fspath(path)
+
+
+@contextlib.contextmanager
+def _local_copy(path: epath.Path):
+  """`path` itself when local, else a temporary local copy (torch / msgpack readers need one)."""
+  if is_local(path):
+    yield os.fspath(path)
+    return
+  with tempfile.TemporaryDirectory(prefix="cim_warm_start_") as tmp:
+    local = os.path.join(tmp, path.name)
+    with path.open("rb") as src, open(local, "wb") as dst:
+      shutil.copyfileobj(src, dst, length=16 << 20)
+    yield local
+
+
 def load_warm_start(path: str, model, sharding):
-  """params and target_params (host trees) from a run's work dir, an authors' .pth or a .msgpack."""
+  """params and target_params (host trees) from a run's work dir, an authors' .pth or a .msgpack.
+
+  Any of them may be local or on gs:// (a .pth / .msgpack there is copied to a temp file first).
+  """
   path = os.fspath(path)
   if path.endswith((".pth", ".pt", ".msgpack")):
     from cim_jax import interop  # pylint: disable=g-import-not-at-top
-    if not os.path.isfile(path):
+    file = epath.Path(path)
+    if not file.is_file():
       raise ValueError(f"init_from={path!r}: no such file")
-    if path.endswith(".msgpack"):
-      return interop.load_params(path)
-    params, target_params, _ = interop.import_authors_state_dict(
-        interop.load_torch_state_dict(path), model)
+    with _local_copy(file) as local:
+      if path.endswith(".msgpack"):
+        return interop.load_params(local)
+      params, target_params, _ = interop.import_authors_state_dict(
+          interop.load_torch_state_dict(local), model)
     return {"params": params, "target_params": target_params}
   directory = epath.Path(path)
   if (directory / CHECKPOINT_DIR).exists():

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from cim_jax import sharding
 from cim_jax.data import pipeline
@@ -67,23 +68,56 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+class _JsonlLog:
+  """workdir/metrics.jsonl: appended in place locally, rewritten whole on object stores.
+
+  GCS / S3 objects cannot be appended to, so on a non-local work dir every write uploads the
+  whole (small: one line per log interval) file: earlier lines, e.g. of a resumed run, are read
+  once at start and kept in memory.
+  """
+
+  def __init__(self, path: epath.Path):
+    self.path = path
+    self._append = checkpoint_lib.is_local(path)
+    self._lines: list[str] = []
+    if self._append:
+      self._file = path.open("a", encoding="utf-8")
+    elif path.exists():
+      self._lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+      if self._lines and not self._lines[-1].endswith("\n"):
+        self._lines[-1] += "\n"
+
+  def write(self, record: dict) -> None:
+    line = json.dumps(record) + "\n"
+    if self._append:
+      self._file.write(line)
+      self._file.flush()
+    else:
+      self._lines.append(line)
+      self.path.write_text("".join(self._lines), encoding="utf-8")
+
+  def close(self) -> None:
+    if self._append:
+      self._file.close()
+
+
 class _MetricsWriter:
   """TensorBoard scalars + workdir/metrics.jsonl, on process 0 only."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: epath.Path):
     self.enabled = jax.process_index() == 0
     if self.enabled:
+      # tensorboardX writes gs:// itself (with google-cloud-storage installed) and s3:// via boto.
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      self.tb = SummaryWriter(os.fspath(workdir / "tensorboard"))
+      self.jsonl = _JsonlLog(workdir / "metrics.jsonl")
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
     for name, value in scalars.items():
       self.tb.add_scalar(f"train/{name}", value, step)
-    self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self.jsonl.flush()
+    self.jsonl.write({"step": step, **scalars})
 
   def close(self) -> None:
     if self.enabled:
@@ -127,7 +161,8 @@ def _train_data(config):
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   """Trains (resuming from workdir when it holds a checkpoint) and returns the final state."""
   checkpoint_lib.check_warm_start_path(config.init_from)
-  os.makedirs(workdir, exist_ok=True)
+  workdir_path = epath.Path(workdir)  # a local path or gs://... alike
+  workdir_path.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.fsdp)
   model = cim.build_model(config.model, config.data)
   sharding.process_batch_size(config.batch_size)  # clear error when the batch does not split
@@ -150,7 +185,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
 
   start = int(jax.device_get(state.step))
   total = counts.train_steps
-  writer = _MetricsWriter(workdir)
+  writer = _MetricsWriter(workdir_path)
   bar = _progress_bar(config, total, start)
   preemption = _Preemption()
   interval, previous, summary, preempted = [], None, {}, False
