@@ -6,6 +6,7 @@ from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
@@ -124,7 +125,7 @@ def load_checkpoint(config, checkpoint: str | None = None, model=None) -> dict:
   checkpoint = checkpoint or config.checkpoint
   if not checkpoint:
     raise ValueError("no checkpoint given (set --config.checkpoint=WORKDIR_OR_PTH)")
-  if not os.path.exists(checkpoint):
+  if not epath.Path(checkpoint).exists():
     raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
   from cim_jax.models import cim
   from cim_jax.train import checkpoint as ckpt
