@@ -140,7 +140,7 @@ install_requirements() {
 if [ \"\$(cat $venv/.installed 2>/dev/null)\" != $install_hash ]; then \
 python3 -m pip install -q --user uv || python3 -m pip install -q --user --break-system-packages uv; \
 [ -x $venv/bin/python ] || ~/.local/bin/uv venv -q --python 3.11 $venv; \
-~/.local/bin/uv pip install -q --python $venv/bin/python -r requirements.txt $(quote "${extra_pins[@]}"); \
+~/.local/bin/uv pip install -q --python $venv/bin/python -r requirements.txt $(quote "${extra_pins[@]}") ; \
 echo $install_hash > $venv/.installed; fi"
 }
 
