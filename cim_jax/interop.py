@@ -186,15 +186,8 @@ def load_torch_state_dict(path: str) -> dict:
           for k, v in state.items()}
 
 
-def import_authors_state_dict(state_dict: dict, model) -> tuple:
-  """Authors' CIM state dict -> (params, target_params, model_state) for `model` (a CIMModel).
-
-  Every key is accounted for: missing keys, unexpected keys, wrong shapes and position tables
-  that differ from this model's sin-cos tables raise one ValueError listing all of them. The
-  global-loss heads are imported when the model uses them and skipped otherwise (the authors'
-  model always builds them).
-  """
-  key_map, expected = authors_key_map(model), _expected_shapes(model)
+def _convert_mapped(state_dict, key_map, expected) -> tuple[dict, list[str]]:
+  """Torch tensors at key_map's keys -> {flax path: array}, plus the missing / misshapen keys."""
   problems, flat = [], {}
   for key, (path, to_flax, _) in key_map.items():
     if key not in state_dict:
@@ -206,6 +199,19 @@ def import_authors_state_dict(state_dict: dict, model) -> tuple:
       problems.append(f"wrong shape for {key}: {tuple(state_dict[key].shape)} "
                       f"(as flax {value.shape}, expected {expected[path]})")
     flat[path] = value
+  return flat, problems
+
+
+def import_authors_state_dict(state_dict: dict, model) -> tuple:
+  """Authors' CIM state dict -> (params, target_params, model_state) for `model` (a CIMModel).
+
+  Every key is accounted for: missing keys, unexpected keys, wrong shapes and position tables
+  that differ from this model's sin-cos tables raise one ValueError listing all of them. The
+  global-loss heads are imported when the model uses them and skipped otherwise (the authors'
+  model always builds them).
+  """
+  key_map, expected = authors_key_map(model), _expected_shapes(model)
+  flat, problems = _convert_mapped(state_dict, key_map, expected)
   for key, table in _fixed_tables(model).items():
     if key not in state_dict:
       problems.append(f"missing key {key}")
@@ -271,15 +277,7 @@ def encoder_from_timm(state_dict: dict, encoder) -> dict:
                           jax.ShapeDtypeStruct((1, encoder.patch_size, encoder.patch_size, 3),
                                                np.float32))["params"]
   expected = {p: tuple(v.shape) for p, v in traverse_util.flatten_dict(shapes).items()}
-  problems, flat = [], {}
-  for key, (path, to_flax, _) in key_map.items():
-    if key not in state_dict:
-      problems.append(f"missing key {key}")
-      continue
-    value = np.asarray(state_dict[key], np.float32)
-    flat[path] = to_flax(value) if to_flax else value
-    if flat[path].shape != expected[path]:
-      problems.append(f"wrong shape for {key}: {tuple(state_dict[key].shape)}")
+  flat, problems = _convert_mapped(state_dict, key_map, expected)
   problems.extend(f"unexpected key {k}" for k in sorted(set(state_dict) - set(key_map)
                                                          - {"pos_embed"}))
   if problems:

@@ -16,19 +16,21 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _pretrain(workdir, *overrides):
+def _pretrain(cwd, workdir, *overrides):
+  env = dict(os.environ, PYTHONPATH=ROOT)
   return subprocess.run(
-      [sys.executable, "-m", "cim_jax.pretrain", "--config=configs/demo.py",
+      [sys.executable, "-m", "cim_jax.pretrain", f"--config={ROOT}/configs/demo.py",
        f"--workdir={workdir}", "--config.batch_size=4", "--config.num_train_steps=3",
        "--config.optim.warmup_steps=1", "--config.log_every_steps=1",
        "--config.checkpoint_every_steps=2", "--config.progress_bar=false",
        "--config.eval.num_heldout_pairs=4", "--config.eval.image_size=32", *overrides],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+      cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_demo_pretraining_writes_checkpoints_logs_pngs_and_report(tmp_path):
+  # A relative --workdir, as in the README's default (orbax itself needs absolute paths).
   workdir = tmp_path / "run"
-  proc = _pretrain(workdir)
+  proc = _pretrain(tmp_path, "run")
   assert proc.returncode == 0, proc.stderr[-3000:]
 
   steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
@@ -45,11 +47,11 @@ def test_demo_pretraining_writes_checkpoints_logs_pngs_and_report(tmp_path):
   for name in ("pretrained", "random_init"):
     assert 0.0 <= report[f"knn/{name}/k20/top1"] <= 100.0
   for name in ("correlation_before", "correlation_after", "training_curves"):
-    with Image.open(report[f"png/{name}"]) as png:
+    with Image.open(os.path.join(tmp_path, report[f"png/{name}"])) as png:
       assert png.format == "PNG" and min(png.size) > 100
   assert "pretext mean IoU" in proc.stdout and "kNN digits k20/top1" in proc.stdout
 
   # A second start with the same work dir resumes at the last checkpoint: no step is re-run.
-  again = _pretrain(workdir)
+  again = _pretrain(tmp_path, "run")
   assert again.returncode == 0, again.stderr[-3000:]
   assert len(open(workdir / "metrics.jsonl").readlines()) == 3

@@ -23,7 +23,7 @@ class Checkpointer:
   """Saves every N steps (async) and at the end, keeps the last K, restores the newest good one."""
 
   def __init__(self, workdir: str, keep: int, *, async_save: bool = True):
-    self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+    self.directory = absolute(workdir) / CHECKPOINT_DIR
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -97,7 +97,7 @@ def restore_state_anywhere(directory, sharding, step=None):
   Works whatever mesh / device count wrote the checkpoint (a warm start on another topology);
   (None, None) when the directory holds no finished checkpoint.
   """
-  with ocp.CheckpointManager(directory, item_handlers={
+  with ocp.CheckpointManager(absolute(directory), item_handlers={
       "state": ocp.StandardCheckpointHandler()}) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
@@ -120,6 +120,11 @@ def check_warm_start_path(path: str) -> None:
 def is_local(path) -> bool:
   """True for a path on this machine's file system (no gs://, s3://, ... scheme)."""
   return "://" not in os.fspath(path)
+
+
+def absolute(path) -> epath.Path:
+  """The path, made absolute when local: orbax's tensorstore writer rejects relative paths."""
+  return epath.Path(os.path.abspath(os.fspath(path)) if is_local(path) else path)
 
 
 @contextlib.contextmanager
