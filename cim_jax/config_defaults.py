@@ -140,7 +140,18 @@ def pretrain_config(preset: str = "base") -> ml_collections.ConfigDict:
   c.eval.knn_temperature = 0.07
   # Evaluation entry points (cim_jax/evaluate): what to evaluate and on which labelled images.
   c.checkpoint = ""  # a work dir of this project or an authors' .pth; "" = random init
-  c.eval.labelled_source = "digits"  # data.sources.embedded_labelled: "digits" or "lfw"
+  # "digits" / "lfw" (embedded, in memory), "imagefolder" or "tfds" (streamed, centre-cropped).
+  c.eval.labelled_source = "digits"
+  c.eval.train_root = ""  # labelled_source="imagefolder": train root (root/<class>/<image>)
+  c.eval.eval_root = ""  # ... and test root (the same class folders)
+  c.eval.tfds_name = "imagenet2012"  # labelled_source="tfds" (prepared as array_record)
+  c.eval.tfds_train_split = "train"
+  c.eval.tfds_eval_split = "validation"
+  c.eval.tfds_data_dir = ""  # "" -> TFDS default
+  c.eval.tfds_image_key = "image"
+  c.eval.tfds_label_key = "label"
+  c.eval.crop_pct = 0.95  # streamed sources: resize to image_size / crop_pct, centre crop
+  c.eval.read_threads = 8  # streamed sources: threads that read and decode images
   c.eval.feature_pool = "cls"  # kNN / linear-probe features: "cls" token or "mean" of patches
   c.eval.image_size = 64  # labelled images are resized to this (a multiple of the patch size)
   c.eval.batch_size = 256
@@ -184,10 +195,16 @@ def finetune_config(preset: str = "base") -> ml_collections.ConfigDict:
   c.model.remat = p.get("remat", False)
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "embedded"  # "embedded" (data.sources.embedded_labelled) or "imagefolder"
+  c.data.source = "embedded"  # "embedded" (data.sources.embedded_labelled), "imagefolder", "tfds"
   c.data.labelled_source = "digits"  # embedded set: "digits" or "lfw"
   c.data.root = ""  # ImageFolder train root (root/<class>/<image>)
   c.data.eval_root = ""  # ImageFolder evaluation root (same class folders)
+  c.data.tfds_name = "imagenet2012"  # source="tfds" (prepared as array_record)
+  c.data.tfds_split = "train"
+  c.data.tfds_eval_split = "validation"
+  c.data.tfds_data_dir = ""  # "" -> TFDS default
+  c.data.tfds_image_key = "image"
+  c.data.tfds_label_key = "label"
   c.data.num_classes = 0  # 0 = the number of classes in the training data; else must match it
   c.data.image_size = 224
   c.data.crop_scale = (0.08, 1.0)  # RandomResizedCrop

@@ -127,6 +127,10 @@ class ImageFolderSource:
     path = self.paths[int(index)]
     return ImageRecord(path, path)
 
+  def labelled(self, index: int) -> tuple[ImageRecord, int]:
+    """The record at `index` and its class index (position of its folder in `classes`)."""
+    return self[index], int(self.labels[int(index)])
+
   def __repr__(self) -> str:
     return f"ImageFolderSource({self.root!r}, {len(self)} images, {len(self.classes)} classes)"
 
@@ -177,6 +181,38 @@ class TfdsSource:
 
   def __repr__(self) -> str:
     return f"TfdsSource({self.name!r}, split={self.split!r}, {len(self)} records)"
+
+
+class TfdsLabelledSource(TfdsSource):
+  """A `TfdsSource` whose records also carry the integer `label_key` feature (evaluation sets).
+
+  `classes` / `num_classes` come from the label's `ClassLabel` feature; a plain integer label
+  leaves them empty / 0 (unknown until the labels are read).
+  """
+
+  def __init__(self, name: str, split: str, data_dir: str = "", image_key: str = "image",
+               label_key: str = "label"):
+    super().__init__(name, split, data_dir, image_key)
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    features = tfds.builder(name, data_dir=data_dir or None).info.features
+    if label_key not in features:
+      raise ValueError(f"TFDS dataset {name!r} has no label feature {label_key!r}; "
+                       f"features: {sorted(features)}")
+    label = features[label_key]
+    self.label_key = label_key
+    self.num_classes = int(getattr(label, "num_classes", 0) or 0)
+    self.classes = list(getattr(label, "names", ()) or ()) if self.num_classes else []
+
+  def labelled(self, index: int) -> tuple[ImageRecord, int]:
+    """The record at `index` and its label, read from one example."""
+    index = int(index)
+    example = self._open()[index]
+    return (ImageRecord(f"tfds:{self.name}/{self.split}[{index}]", example[self.image_key]),
+            int(example[self.label_key]))
+
+  def __repr__(self) -> str:
+    return (f"TfdsLabelledSource({self.name!r}, split={self.split!r}, {len(self)} records, "
+            f"label {self.label_key!r})")
 
 
 class EncodedSource:

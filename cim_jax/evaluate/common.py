@@ -36,6 +36,15 @@ class Labelled:
     """The examples at `index` (same classes)."""
     return dataclasses.replace(self, images=self.images[index], labels=self.labels[index])
 
+  def __len__(self) -> int:
+    return self.labels.shape[0]
+
+  def labelled(self, index: int):
+    """(ImageRecord of the image array, label): the interface of the labelled file sources."""
+    from cim_jax.data import sources
+    index = int(index)
+    return sources.ImageRecord(f"array[{index}]", self.images[index]), int(self.labels[index])
+
 
 def to_uint8_rgb(images: np.ndarray) -> np.ndarray:
   """Grey (n, H, W) / (n, H, W, 1) or float images -> uint8 (n, H, W, 3)."""
@@ -102,6 +111,128 @@ def labelled_splits(config) -> tuple[Labelled, Labelled]:
   num_classes = max(train.num_classes, test.num_classes)
   return (dataclasses.replace(train, num_classes=num_classes),
           dataclasses.replace(test, num_classes=num_classes))
+
+
+# ----------------------------------------------------------------------------------------------
+# Streamed labelled sources (ImageFolder, TFDS, or arrays) for kNN, linear probe and fine-tuning.
+
+EMBEDDED_LABELLED = ("digits", "lfw")
+LABELLED_SOURCES = EMBEDDED_LABELLED + ("imagefolder", "tfds")
+
+
+class LabelledRecords:
+  """Random-access {'image': uint8 (H, W, 3), 'label': int32} records, decoded one at a time.
+
+  Wraps anything with `__len__` and `labelled(index) -> (ImageRecord, label)`: a `Labelled`
+  array set, a `sources.ImageFolderSource` or a `sources.TfdsLabelledSource`. Reading a record
+  reads one image, so a grain pipeline over it streams a split of any size.
+  """
+
+  def __init__(self, source, num_classes: int = 0, class_names: tuple[str, ...] = (),
+               description: str = ""):
+    self.source, self.num_classes = source, int(num_classes)
+    self.class_names, self.description = tuple(class_names), description or repr(source)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    from cim_jax.data import decode, sources
+    record, label = self.source.labelled(index)
+    try:
+      image = sources.load_image(record)
+    except decode.UndecodableImage as e:
+      # Evaluation cannot skip a labelled image (accuracies would not be comparable): name it.
+      raise decode.UndecodableImage(f"cannot decode evaluation image {record.name}: {e}"
+                                    ) from None
+    return {"image": image, "label": np.int32(label)}
+
+  def __repr__(self) -> str:
+    return f"LabelledRecords({self.description})"
+
+
+def imagefolder_splits(train_root: str, eval_root: str, keys: tuple[str, str]
+                       ) -> tuple[LabelledRecords, LabelledRecords]:
+  """Train / eval ImageFolders (root/<class>/<image>) with the same class folders.
+
+  `keys` name the config keys of the two roots in errors.
+  """
+  from cim_jax.data import sources
+  for root, key in zip((train_root, eval_root), keys):
+    if not root:
+      raise ValueError(f"{key} must name an ImageFolder directory (root/<class>/<image>)")
+    if not os.path.isdir(root):
+      raise FileNotFoundError(f"{key}={root!r} does not exist or is not a directory")
+  folders = [sources.ImageFolderSource(root) for root in (train_root, eval_root)]
+  if folders[0].classes != folders[1].classes:
+    raise ValueError(f"class folders differ: {len(folders[0].classes)} under {train_root!r}, "
+                     f"{len(folders[1].classes)} under {eval_root!r}")
+  classes = tuple(folders[0].classes)
+  return tuple(LabelledRecords(f, len(classes), classes, f"imagefolder {f.root}")
+               for f in folders)
+
+
+def tfds_splits(name: str, train_split: str, eval_split: str, data_dir: str = "",
+                image_key: str = "image", label_key: str = "label"
+                ) -> tuple[LabelledRecords, LabelledRecords]:
+  """Train / eval splits of a TFDS dataset prepared as array_record, read without TensorFlow."""
+  from cim_jax.data import sources
+  if not name:
+    raise ValueError("no TFDS dataset name given")
+  splits = [sources.TfdsLabelledSource(name, split, data_dir, image_key, label_key)
+            for split in (train_split, eval_split)]
+  return tuple(LabelledRecords(s, s.num_classes, tuple(s.classes), f"tfds {name}/{s.split}")
+               for s in splits)
+
+
+def eval_splits(config) -> tuple[Any, Any]:
+  """The train / test labelled sets of `config.eval.labelled_source`.
+
+  The small embedded sets ('digits', 'lfw') come as in-memory `Labelled` arrays; 'imagefolder'
+  and 'tfds' as streamed `LabelledRecords` (see `eval_batches`).
+  """
+  e = config.eval
+  if e.labelled_source in EMBEDDED_LABELLED:
+    return labelled_splits(config)
+  if e.labelled_source == "imagefolder":
+    return imagefolder_splits(e.train_root, e.eval_root,
+                              ("config.eval.train_root", "config.eval.eval_root"))
+  if e.labelled_source == "tfds":
+    return tfds_splits(e.tfds_name, e.tfds_train_split, e.tfds_eval_split, e.tfds_data_dir,
+                       e.tfds_image_key, e.tfds_label_key)
+  raise ValueError(f"config.eval.labelled_source={e.labelled_source!r} must be one of "
+                   f"{', '.join(LABELLED_SOURCES)}")
+
+
+class EvalCrop:
+  """grain map: the evaluation transform (shorter side to size / crop_pct, centre crop)."""
+
+  def __init__(self, size: int, crop_pct: float):
+    if not 0.0 < crop_pct <= 1.0:
+      raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    self.size, self.crop_pct = int(size), float(crop_pct)
+
+  def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
+    from cim_jax.evaluate import augment
+    return {"image": augment.eval_transform(record["image"], self.size, self.crop_pct),
+            "label": record["label"]}
+
+
+def eval_batches(records, image_size: int, batch_size: int, crop_pct: float = 0.95,
+                 read_threads: int = 8):
+  """Deterministic (unshuffled) batches {'image' (b, size, size, 3) uint8, 'label' (b,)}.
+
+  A grain pipeline: records are read, decoded and centre-cropped by `read_threads` threads up
+  to two batches ahead, so only those are in memory; the last batch may be smaller.
+  """
+  import grain
+  if len(records) == 0:
+    raise ValueError(f"no labelled images in {records!r}")
+  ds = grain.MapDataset.source(records).map(EvalCrop(image_size, crop_pct))
+  # Threads read single records (the prefetch buffer counts records), then batch in order.
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, int(read_threads)),
+                                            prefetch_buffer_size=2 * int(batch_size)))
+  return ds.batch(int(batch_size), drop_remainder=False)
 
 
 def build_encoder(model_cfg, *, pool: str = "none", num_classes: int = 0, **overrides):

@@ -1,7 +1,7 @@
 """Supervised fine-tuning (DESIGN.md section 3) with best / last top-1, checkpoints and resume.
 
 python -m cim_jax.evaluate.finetune --config=configs/finetune_vit_base.py --workdir=DIR \
-    --config.init_from=PRETRAIN_WORKDIR_OR_PTH [--config.data.source=imagefolder ...]
+    --config.init_from=PRETRAIN_WORKDIR_OR_PTH [--config.data.source=imagefolder|tfds ...]
 
 A restart with the same --workdir resumes exactly (state, best top-1 and data iterator).
 `--eval_only=true` evaluates the work dir's latest checkpoint.
@@ -24,7 +24,7 @@ from cim_jax.train import schedules
 
 
 class LabelledImages:
-  """Random-access (image uint8 (H, W, 3), label) records of arrays or an ImageFolder."""
+  """Random-access (image uint8 (H, W, 3), label) records of in-memory arrays."""
 
   def __init__(self, images, labels: np.ndarray, classes: tuple[str, ...] = ()):
     self.images, self.labels, self.classes = images, np.asarray(labels, np.int32), classes
@@ -40,28 +40,34 @@ class LabelledImages:
     return {"image": image, "label": self.labels[int(index)]}
 
 
-def labelled_sources(config) -> tuple[LabelledImages, LabelledImages, int]:
-  """(train, eval, num_classes) of `config.data`; checks the head's class count."""
+def labelled_sources(config) -> tuple[Any, Any, int]:
+  """(train, eval, num_classes) of `config.data`; checks the head's class count.
+
+  'embedded' gives in-memory `LabelledImages`; 'imagefolder' and 'tfds' give
+  `common.LabelledRecords` that read one image per record (the kNN / linear-probe sources).
+  """
   d = config.data
   from cim_jax.data import sources
   if d.source == "embedded":
     splits = [sources.embedded_labelled(d.labelled_source, s, image_size=d.image_size)
               for s in ("train", "test")]
     train, test = (LabelledImages(*split) for split in splits)
-  elif d.source == "imagefolder":
-    if not d.root or not d.eval_root:
-      raise ValueError("config.data.root and config.data.eval_root must name ImageFolder "
-                       "directories when config.data.source='imagefolder'")
-    folders = [sources.ImageFolderSource(root) for root in (d.root, d.eval_root)]
-    if folders[0].classes != folders[1].classes:
-      raise ValueError(f"class folders differ: {len(folders[0].classes)} under {d.root!r}, "
-                       f"{len(folders[1].classes)} under {d.eval_root!r}")
-    train, test = (LabelledImages([f[i] for i in range(len(f))], f.labels, tuple(f.classes))
-                   for f in folders)
+    found = int(max(train.labels.max(), test.labels.max())) + 1
+  elif d.source in ("imagefolder", "tfds"):
+    if d.source == "imagefolder":
+      train, test = common.imagefolder_splits(d.root, d.eval_root,
+                                              ("config.data.root", "config.data.eval_root"))
+    else:
+      train, test = common.tfds_splits(d.tfds_name, d.tfds_split, d.tfds_eval_split,
+                                       d.tfds_data_dir, d.tfds_image_key, d.tfds_label_key)
+    found = max(train.num_classes, test.num_classes)
+    if not found and not d.num_classes:  # a plain integer label: the count is not declared
+      raise ValueError(f"the label feature {d.tfds_label_key!r} declares no class count; set "
+                       "config.data.num_classes")
+    found = found or d.num_classes
   else:
-    raise ValueError(f"config.data.source={d.source!r}: fine-tuning reads 'embedded' or "
-                     "'imagefolder'")
-  found = int(max(train.labels.max(), test.labels.max())) + 1
+    raise ValueError(f"config.data.source={d.source!r}: fine-tuning reads 'embedded', "
+                     "'imagefolder' or 'tfds'")
   if d.num_classes and d.num_classes != found:
     raise ValueError(f"the labelled data has {found} classes but the head has "
                      f"config.data.num_classes={d.num_classes}")
@@ -74,15 +80,6 @@ class _TrainMap(grain.transforms.RandomMap):
 
   def random_map(self, record, rng: np.random.Generator):
     return {"image": self.augmentation(record["image"], rng), "label": record["label"]}
-
-
-class _EvalMap(grain.transforms.Map):
-  def __init__(self, size: int, crop_pct: float):
-    self.size, self.crop_pct = size, crop_pct
-
-  def map(self, record):
-    return {"image": augment.eval_transform(record["image"], self.size, self.crop_pct),
-            "label": record["label"]}
 
 
 def train_dataset(config, source: LabelledImages) -> grain.IterDataset:
@@ -105,8 +102,8 @@ def train_dataset(config, source: LabelledImages) -> grain.IterDataset:
 def evaluate(eval_fn, params, source: LabelledImages, config) -> dict[str, float]:
   """Top-1 / top-5 (percent) over the whole evaluation set, centre-cropped."""
   d = config.data
-  ds = grain.MapDataset.source(source).map(_EvalMap(d.image_size, d.eval_crop_pct))
-  ds = ds.batch(d.eval_batch_size, drop_remainder=False)
+  ds = common.eval_batches(source, d.image_size, d.eval_batch_size, d.eval_crop_pct,
+                           read_threads=max(1, d.num_workers))
   num_shards = jax.local_device_count()
   scores, labels = [], []
   for batch in ds:

@@ -1,10 +1,13 @@
 """Weighted k-nearest-neighbour evaluation of frozen encoder features (the DINO protocol).
 
 python -m cim_jax.evaluate.knn --config=configs/cim_vit_tiny.py --config.checkpoint=WORKDIR_OR_PTH
+    [--config.eval.labelled_source=imagefolder --config.eval.train_root=DIR/train
+     --config.eval.eval_root=DIR/val | --config.eval.labelled_source=tfds
+     --config.eval.tfds_name=imagenet2012 --config.eval.tfds_data_dir=DIR]
 """
 
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,21 +28,27 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x / jnp.maximum(norm, eps)
 
 
-def extract_features(apply_fn: Callable[[jax.Array], jax.Array], images: np.ndarray,
-                     batch_size: int, *, mesh: Mesh | None = None, normalize: bool = True,
-                     progress: bool = False, desc: str = "features") -> np.ndarray:
-  """Runs `apply_fn` (batch of images -> (b, D) features) over `images` in jit-compiled batches.
+def extract_features(apply_fn: Callable[[jax.Array], jax.Array],
+                     images: np.ndarray | Iterable[np.ndarray], batch_size: int, *,
+                     mesh: Mesh | None = None, normalize: bool = True, progress: bool = False,
+                     desc: str = "features", total: int | None = None) -> np.ndarray:
+  """Runs `apply_fn` (batch of images -> (b, D) features) over images in jit-compiled batches.
 
-  The batch is split over the mesh's data axis (batch size rounded up to a multiple of it); the
-  last batch is padded so one compilation serves all. Returns float32 (n, D), L2-normalised.
+  `images` is an array (n, H, W, 3), cut into batches here, or an iterable of image batches of
+  at most `batch_size` (a streamed source; `total` batches for the progress bar). The batch is
+  split over the mesh's data axis (batch size rounded up to a multiple of it); short batches
+  are padded so one compilation serves all. Returns float32 (n, D), L2-normalised by default.
   """
-  images = np.asarray(images)
-  if images.shape[0] == 0:
-    raise ValueError("extract_features: no images given")
   mesh = mesh or data_mesh()
   num_shards = mesh.shape["data"]
-  batch_size = -(-max(1, batch_size) // num_shards) * num_shards
-  batch_size = min(batch_size, -(-images.shape[0] // num_shards) * num_shards)
+  batch_size = sharded_batch_size(batch_size, num_shards)
+  if isinstance(images, np.ndarray):
+    if images.shape[0] == 0:
+      raise ValueError("extract_features: no images given")
+    batch_size = min(batch_size, sharded_batch_size(images.shape[0], num_shards))
+    total = -(-images.shape[0] // batch_size)
+    array = images
+    images = (array[start:start + batch_size] for start in range(0, len(array), batch_size))
   sharding = NamedSharding(mesh, PartitionSpec("data"))
 
   @functools.partial(jax.jit, in_shardings=sharding, out_shardings=sharding)
@@ -48,15 +57,59 @@ def extract_features(apply_fn: Callable[[jax.Array], jax.Array], images: np.ndar
     return l2_normalize(feats) if normalize else feats
 
   outputs = []
-  starts = range(0, images.shape[0], batch_size)
-  for start in common.progress(starts, enabled=progress, desc=desc):
-    batch = images[start:start + batch_size]
+  for batch in common.progress(images, enabled=progress, desc=desc, total=total):
+    batch = np.asarray(batch)
     valid = batch.shape[0]
+    if valid > batch_size:
+      raise ValueError(f"extract_features: a batch of {valid} images exceeds the batch size "
+                       f"{batch_size}")
     if valid < batch_size:  # pad with copies of the last image; the padded rows are dropped
       batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - valid, axis=0)])
     feats = features_of(jax.device_put(batch, sharding))
     outputs.append(np.asarray(feats)[:valid])
+  if not outputs:
+    raise ValueError("extract_features: no images given")
   return np.concatenate(outputs)
+
+
+def sharded_batch_size(batch_size: int, num_shards: int) -> int:
+  """`batch_size` rounded up to a multiple of the data-axis size (at least one per shard)."""
+  return -(-max(1, int(batch_size)) // num_shards) * num_shards
+
+
+def labelled_features(apply_fn: Callable, data, *, image_size: int, batch_size: int,
+                      crop_pct: float = 0.95, read_threads: int = 8, normalize: bool = True,
+                      progress: bool = False, desc: str = "features"
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """(features (n, D), labels (n,)) of a labelled set, through `extract_features`.
+
+  `common.LabelledRecords` (ImageFolder, TFDS) are streamed: decoded and centre-cropped by
+  `common.eval_batches`, never held whole. In-memory sets (`common.Labelled` or (images,
+  labels)) are resized to `image_size` as a whole (the small embedded sets).
+  """
+  if not isinstance(data, common.LabelledRecords):
+    data = common.as_labelled(data)
+    return (extract_features(apply_fn, common.resize_images(data.images, image_size),
+                             batch_size, normalize=normalize, progress=progress, desc=desc),
+            data.labels)
+  batch_size = sharded_batch_size(batch_size, data_mesh().shape["data"])
+  labels = []
+
+  def images_of(batches):
+    for batch in batches:  # labels are kept as the batches go by; images go to the encoder
+      labels.append(np.asarray(batch["label"], np.int32))
+      yield batch["image"]
+
+  batches = common.eval_batches(data, image_size, batch_size, crop_pct, read_threads)
+  feats = extract_features(apply_fn, images_of(batches), batch_size, normalize=normalize,
+                           progress=progress, desc=desc, total=-(-len(data) // batch_size))
+  return feats, np.concatenate(labels)
+
+
+def num_classes_of(train, test, train_labels: np.ndarray, test_labels: np.ndarray) -> int:
+  """The declared class count of the sets, else one more than the largest label seen."""
+  declared = max(getattr(train, "num_classes", 0) or 0, getattr(test, "num_classes", 0) or 0)
+  return declared or int(max(train_labels.max(), test_labels.max())) + 1
 
 
 def encoder_feature_fn(encoder, encoder_params, *, pool: str = "cls") -> Callable:
@@ -135,30 +188,29 @@ def knn_classify(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: 
   return topk_accuracy(scores, test_labels)
 
 
-def knn_accuracy(encoder_params: Mapping[str, Any] | None, model_cfg, train: common.Labelled,
-                 test: common.Labelled, *, ks: Sequence[int] = (20,), temperature: float = 0.07,
-                 pool: str = "cls", image_size: int = 64, batch_size: int = 256,
-                 seed: int = 0, progress: bool = False,
+def knn_accuracy(encoder_params: Mapping[str, Any] | None, model_cfg, train, test, *,
+                 ks: Sequence[int] = (20,), temperature: float = 0.07, pool: str = "cls",
+                 image_size: int = 64, batch_size: int = 256, seed: int = 0,
+                 progress: bool = False, crop_pct: float = 0.95, read_threads: int = 8,
                  encoder_overrides: Mapping[str, Any] | None = None) -> dict[str, float]:
   """kNN accuracy of an encoder (`None` params: a randomly initialised one, seeded by `seed`).
 
-  `train` / `test` are `common.Labelled` sets (or (images, labels) tuples). Returns
-  {'k20/top1': ..., 'k20/top5': ...} for each k in `ks`.
+  `train` / `test` are `common.Labelled` sets (or (images, labels) tuples), or streamed
+  `common.LabelledRecords` (see `labelled_features`). Returns {'k20/top1': ..., 'k20/top5': ...}
+  for each k in `ks`.
   """
-  train, test = common.as_labelled(train), common.as_labelled(test)
   encoder = common.build_encoder(model_cfg, **dict(encoder_overrides or {}))
-  train_images = common.resize_images(train.images, image_size)
-  test_images = common.resize_images(test.images, image_size)
   if encoder_params is None:
     encoder_params = common.init_encoder_params(encoder, image_size, seed)
   apply_fn = encoder_feature_fn(encoder, encoder_params, pool=pool)
-  train_feats = extract_features(apply_fn, train_images, batch_size, progress=progress,
-                                 desc="train features")
-  test_feats = extract_features(apply_fn, test_images, batch_size, progress=progress,
-                                desc="test features")
-  return knn_sweep(train_feats, train.labels, test_feats, test.labels, ks=ks,
+  extract = functools.partial(labelled_features, apply_fn, image_size=image_size,
+                              batch_size=batch_size, crop_pct=crop_pct,
+                              read_threads=read_threads, progress=progress)
+  train_feats, train_labels = extract(train, desc="train features")
+  test_feats, test_labels = extract(test, desc="test features")
+  return knn_sweep(train_feats, train_labels, test_feats, test_labels, ks=ks,
                    temperature=temperature,
-                   num_classes=max(train.num_classes, test.num_classes))
+                   num_classes=num_classes_of(train, test, train_labels, test_labels))
 
 
 def knn_sweep(train_feats, train_labels, test_feats, test_labels, *, ks: Sequence[int],
@@ -172,20 +224,26 @@ def knn_sweep(train_feats, train_labels, test_feats, test_labels, *, ks: Sequenc
   return results
 
 
+def eval_kwargs(config) -> dict[str, Any]:
+  """Feature-extraction settings of `config.eval` shared by kNN and the linear probe."""
+  e = config.eval
+  return dict(pool=e.feature_pool, image_size=e.image_size, batch_size=e.batch_size,
+              seed=config.seed, crop_pct=e.crop_pct, read_threads=e.read_threads)
+
+
 def main(config):
   """Entry point: kNN of a checkpoint's encoder, and of a randomly initialised one for reference."""
-  train, test = common.labelled_splits(config)
+  train, test = common.eval_splits(config)
   ks = tuple(sorted({int(config.eval.knn_k), *KNN_KS}))
-  kwargs = dict(ks=ks, temperature=config.eval.knn_temperature, pool=config.eval.feature_pool,
-                image_size=config.eval.image_size, batch_size=config.eval.batch_size,
-                seed=config.seed, progress=config.progress_bar)
+  kwargs = dict(eval_kwargs(config), ks=ks, temperature=config.eval.knn_temperature,
+                progress=config.progress_bar)
   results = {}
   if config.checkpoint:
     encoder_params = common.load_encoder_params(config)
     results["checkpoint"] = knn_accuracy(encoder_params, config.model, train, test, **kwargs)
   results["random_init"] = knn_accuracy(None, config.model, train, test, **kwargs)
-  print(f"kNN on {config.eval.labelled_source}: {len(train.labels)} train / "
-        f"{len(test.labels)} test images, {train.num_classes} classes, T={config.eval.knn_temperature}")
+  print(f"kNN on {config.eval.labelled_source}: {len(train)} train / {len(test)} test images, "
+        f"T={config.eval.knn_temperature}")
   for name, metrics in results.items():
     print(f"{name:12s}", " ".join(f"{key}={value:.2f}" for key, value in metrics.items()))
   return results

@@ -115,20 +115,28 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, *, num_clas
 def linear_probe_accuracy(encoder_params: Mapping[str, Any] | None, model_cfg, train, test, *,
                           recipe: ProbeRecipe = ProbeRecipe(), pool: str = "cls",
                           image_size: int = 64, batch_size: int = 256, seed: int = 0,
+                          crop_pct: float = 0.95, read_threads: int = 8,
+                          progress: bool = False,
                           encoder_overrides: Mapping[str, Any] | None = None
                           ) -> dict[str, float]:
-  """Linear-probe accuracy of an encoder (`None` params: randomly initialised)."""
-  train, test = common.as_labelled(train), common.as_labelled(test)
+  """Linear-probe accuracy of an encoder (`None` params: randomly initialised).
+
+  `train` / `test` as for `knn.knn_accuracy`: arrays, or streamed ImageFolder / TFDS records
+  whose features are extracted once; the probe then trains on the feature arrays.
+  """
   encoder = common.build_encoder(model_cfg, **dict(encoder_overrides or {}))
   if encoder_params is None:
     encoder_params = common.init_encoder_params(encoder, image_size, seed)
   apply_fn = knn.encoder_feature_fn(encoder, encoder_params, pool=pool)
   # Unnormalised features: the probe standardises them itself.
-  feats = [knn.extract_features(apply_fn, common.resize_images(d.images, image_size), batch_size,
-                                normalize=False) for d in (train, test)]
-  num_classes = max(train.num_classes, test.num_classes)
-  return linear_probe(feats[0], train.labels, feats[1], test.labels, num_classes=num_classes,
-                      recipe=recipe)
+  (train_feats, train_labels), (test_feats, test_labels) = (
+      knn.labelled_features(apply_fn, data, image_size=image_size, batch_size=batch_size,
+                            crop_pct=crop_pct, read_threads=read_threads, normalize=False,
+                            progress=progress, desc=f"{name} features")
+      for name, data in (("train", train), ("test", test)))
+  num_classes = knn.num_classes_of(train, test, train_labels, test_labels)
+  return linear_probe(train_feats, train_labels, test_feats, test_labels,
+                      num_classes=num_classes, recipe=recipe)
 
 
 def recipe_from_config(config) -> ProbeRecipe:
@@ -141,10 +149,9 @@ def recipe_from_config(config) -> ProbeRecipe:
 
 def main(config):
   """Entry point: linear probe of a checkpoint's encoder and of a random one."""
-  train, test = common.labelled_splits(config)
-  kwargs = dict(recipe=recipe_from_config(config), pool=config.eval.feature_pool,
-                image_size=config.eval.image_size, batch_size=config.eval.batch_size,
-                seed=config.seed)
+  train, test = common.eval_splits(config)
+  kwargs = dict(knn.eval_kwargs(config), recipe=recipe_from_config(config),
+                progress=config.progress_bar)
   results = {}
   if config.checkpoint:
     results["checkpoint"] = linear_probe_accuracy(common.load_encoder_params(config),

@@ -55,10 +55,9 @@ def run(config, workdir: str, result=None, *, params=None, target_params=None,
           os.fspath(metrics_log), os.fspath(out / "training_curves.png"))
 
   if config.eval.knn:
-    train, test = common.labelled_splits(config)
-    kwargs = dict(ks=(int(config.eval.knn_k),), temperature=config.eval.knn_temperature,
-                  pool=config.eval.feature_pool, image_size=config.eval.image_size,
-                  batch_size=config.eval.batch_size, seed=config.seed)
+    train, test = common.eval_splits(config)
+    kwargs = dict(knn.eval_kwargs(config), ks=(int(config.eval.knn_k),),
+                  temperature=config.eval.knn_temperature)
     encoder_params = jax.device_get(params["encoder"])
     for name, encoder in (("pretrained", encoder_params), ("random_init", None)):
       for key, value in knn.knn_accuracy(encoder, config.model, train, test, **kwargs).items():
