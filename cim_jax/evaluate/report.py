@@ -19,15 +19,13 @@ def evaluate_run(result) -> dict[str, Any]:
              model=result.model)
 
 
-def run(config, workdir: str, result=None, *, params=None, target_params=None,
-        model_state=None, model=None) -> dict[str, Any]:
+def run(config, workdir: str, *, params=None, target_params=None, model_state=None,
+        model=None) -> dict[str, Any]:
   """Pretext IoU, correlation PNGs, training curves and kNN as `config.eval` asks.
 
-  The trained state comes from the arguments, a `TrainResult`, or else the work dir's latest
-  checkpoint. Writes `workdir/report.json` and returns the same dict.
+  The trained state comes from the arguments, or else the work dir's latest checkpoint.
+  Writes `workdir/report.json` and returns the same dict.
   """
-  if result is not None and hasattr(result, "state"):
-    return evaluate_run(result)
   from cim_jax.models import cim
   model = model or cim.build_model(config.model, config.data)
   if params is None:

@@ -119,10 +119,6 @@ class CIMModel:
     """-> params {'encoder', 'decoder'[, 'projector', 'predictor']}."""
     return self.init_variables(rng, batch)[0]
 
-  def init_model_state(self, rng, batch: Optional[dict] = None):
-    """-> BatchNorm statistics of the global-loss heads ({} when that loss is off)."""
-    return self.init_variables(rng, batch)[1]
-
   def target_params_from(self, params):
     """The EMA target's starting point: an exact (separate-buffer) copy of encoder [+ projector]."""
     target = {"encoder": params["encoder"]}
