@@ -7,9 +7,14 @@
 
 Sizes are DESIGN.md's (context 160, 6 exemplars of 64) unless overridden. "device batch" times
 the jitted step on a batch already on device; "with pipeline" adds grain pair generation and the
-host -> device transfer. FLOPs: every matmul / convolution of the step's jaxpr (whole program,
-backward and rematerialised work included; the same count on every backend, unlike XLA's cost
-analysis, which misses cuBLAS calls on GPU); MFU = FLOPs / step time / (peak x devices). Figures on a shared machine are noisy: compare ratios within one run.
+host -> device transfer. MFU = FLOPs / step time / (peak x devices), with FLOPs from XLA's cost
+analysis of the whole lowered step (backward, optimizer and rematerialised work included). The
+lowered, not the compiled, program is analysed: after GPU compilation the matmuls are cuBLAS
+custom calls that the analysis does not count, before it they are plain dots on every backend.
+"MFU mm" counts only the matmuls / convolutions of the step's jaxpr, a cross-check. With cuDNN
+attention both counts come from the same step with XLA attention (the fused kernel is a custom
+call, and its padding rows are not useful work). Figures on a shared machine are noisy: compare
+ratios within one run.
 """
 
 import argparse
@@ -120,12 +125,20 @@ def matmul_flops(jaxpr) -> float:
   return total
 
 
+def xla_flops(lowered) -> float:
+  """FLOPs of a lowered (not yet compiled) program by XLA's HLO cost analysis."""
+  analysis = lowered.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+    analysis = analysis[0]
+  return float(analysis["flops"])
+
+
 class Ours:
   """Our jitted, donated step on a fresh state."""
 
   def __init__(self, config):
     self.config = config
-    mesh = sharding.make_mesh(config.mesh.fsdp)
+    mesh = self.trainer_mesh = sharding.make_mesh(config.mesh.fsdp)
     counts = schedules.step_counts(config, num_examples=None)
     self.trainer = step_lib.build_trainer(config, cim.build_model(config.model, config.data),
                                           mesh, counts)
@@ -136,9 +149,26 @@ class Ours:
     # One trace and one compilation: the FLOPs come from the traced jaxpr and the timed calls go
     # to the compiled executable (jit's own cache would compile the same program a second time).
     traced = self.trainer.train_step.trace(self.state, self.batch, self.rng)
-    self.step = traced.lower().compile()
+    lowered = traced.lower()
+    self.step = lowered.compile()
     self.compile_seconds = time.perf_counter() - t
-    self.flops = matmul_flops(traced.jaxpr.jaxpr)
+    if config.model.attention_impl == "cudnn":
+      traced, lowered = self._traced_with_xla_attention(config)
+    self.flops = xla_flops(lowered)
+    self.matmul_flops = matmul_flops(traced.jaxpr.jaxpr)
+
+  def _traced_with_xla_attention(self, config):
+    """(traced, lowered) of the same step with XLA attention, on abstract arguments (no device
+    memory, no compilation): the FLOPs of the model itself."""
+    config = config.copy_and_resolve_references()
+    config.model.attention_impl = "xla"
+    counts = schedules.step_counts(config, num_examples=None)
+    trainer = step_lib.build_trainer(config, cim.build_model(config.model, config.data),
+                                     self.trainer_mesh, counts)
+    abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    traced = trainer.train_step.trace(jax.tree.map(abstract, self.state),
+                                      jax.tree.map(abstract, self.batch), self.rng)
+    return traced, traced.lower()
 
   def run(self, steps: int, batches=None) -> float:
     """Seconds per step over `steps` (after the first, compiling call has been made)."""
@@ -293,6 +323,7 @@ def bench_case(variant, batch, args, attention_impl: str = ""):
   t_ours = statistics.median(ours_t)
   row = dict(case=f"{variant} b{batch}", ours=t_ours, sps=batch / t_ours,
              mfu=ours.flops / t_ours / (args.peak * jax.device_count()),
+             mfu_matmul=ours.matmul_flops / t_ours / (args.peak * jax.device_count()),
              compile=ours.compile_seconds)
   if torch_model is not None:
     row["torch"] = statistics.median(torch_t)
@@ -326,7 +357,7 @@ def largest_batch(variant, batch, args, attention_impl: str = ""):
 
 
 CASE_WIDTH = 20
-HEADER = (f"{'case':<{CASE_WIDTH}}{'ours s/step':>12}{'samples/s':>11}{'MFU':>8}"
+HEADER = (f"{'case':<{CASE_WIDTH}}{'ours s/step':>12}{'samples/s':>11}{'MFU':>8}{'MFU mm':>8}"
           f"{'torch s/step':>13}{'ours/torch':>11}{'w/ pipeline':>12}{'compile s':>10}")
 
 
@@ -341,6 +372,7 @@ def print_row(r):
   ratio = f"{r['ratio']:.2f}" if "ratio" in r else "-"
   pipe = f"{r['with_pipeline']:.3f}" if "with_pipeline" in r else "-"
   print(f"{r['case']:<{CASE_WIDTH}}{r['ours']:>12.4f}{r['sps']:>11.1f}{r['mfu']:>8.1%}"
+        f"{r['mfu_matmul']:>8.1%}"
         f"{torch_s:>13}{ratio:>11}{pipe:>12}{r['compile']:>10.1f}", flush=True)
 
 

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# One short GPU check: ViT-B/16 bf16 train step at DESIGN.md sizes, XLA vs cuDNN attention.
+# One GPU call: ViT-B/16 bf16 train step at DESIGN.md sizes, kernel/flag variants side by side,
+# then a profile of the fastest one.
 #
-#   OUT=/some/dir bash bench/gpu_check.sh              # GPU machine, from the repo root; ~2 min
-#   OUT=/tmp/out bash bench/gpu_check.sh --cpu-smoke   # same script on CPU, tiny cases (a typo
+#   OUT=/some/dir bash bench/gpu_check.sh              # GPU machine, from the repo root; ~6 min
+#   OUT=/tmp/out bash bench/gpu_check.sh --cpu-smoke   # same script on CPU, tiny case (a typo
 #                                                      # check before spending device time)
-# Prints device, jax/cuDNN versions, then step time / samples/s / MFU for batch 512 with
-# attention xla and cudnn side by side; then batch 1024 with the faster kernel if time is left.
+# Each variant runs in its own process (XLA_FLAGS are read once, at backend start) with its own
+# time limit, so a flag this XLA does not know or a kernel that fails costs one row, not the run.
+# The first row, XLA attention with no flags, is the baseline the others compare with. Then the
+# fastest variant is profiled and its kernel time summarised by kind (bench/profile_summary.py).
 # Everything printed also goes to $OUT/gpu_check.txt. Wheels in .whl/ (carried, git-ignored)
 # supply the packages the GPU image lacks.
 set -o pipefail
@@ -18,16 +21,60 @@ SMOKE=0
 [[ "${1:-}" == "--cpu-smoke" ]] && SMOKE=1
 PYTHON=${PYTHON:-python3}
 
-# Hard wall-clock budget (s) for everything below, compiles included.
-BUDGET=${GPU_CHECK_BUDGET:-140}
+# Hard wall-clock budget (s) for everything below, compiles included; per variant at most PER.
+BUDGET=${GPU_CHECK_BUDGET:-450}
+PER=${GPU_CHECK_PER_VARIANT:-75}
+
+# label | XLA_FLAGS | bench_step.py arguments
+VARIANTS=(
+  "xla|   |--attention_impl=xla"
+  "cudnn|   |--attention_impl=cudnn"
+  "cudnn+cudnn_layer_norm|--xla_gpu_enable_cudnn_layer_norm=true|--attention_impl=cudnn"
+  "cudnn+cublaslt|--xla_gpu_enable_cublaslt=true|--attention_impl=cudnn"
+  "cudnn+no_triton_gemm|--xla_gpu_enable_triton_gemm=false|--attention_impl=cudnn"
+  "cudnn+triton_gemm_any|--xla_gpu_triton_gemm_any=true|--attention_impl=cudnn"
+)
+# After these: 'cudnn+combined', the flags of every 'cudnn+...' row faster than 'cudnn' together
+# (when two or more were), then a profile of the fastest row.
+
+trim() { local s="$1"; s="${s#"${s%%[![:space:]]*}"}"; echo "${s%"${s##*[![:space:]]}"}"; }
+
+faster() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a < b) }'; }
+
+# run_variant LABEL XLA_FLAGS ARGS: one bench_step.py process; sets last_time to its s/step ('' if
+# it gave none) and keeps the fastest row in best_*.
+run_variant() {
+  local label=$1 flags=$2 args=$3 left log t
+  last_time=""
+  # CPU smoke run: XLA attention in place of cuDNN, so every step of the script runs.
+  (( SMOKE )) && args=${args//--attention_impl=cudnn/--attention_impl=xla}
+  left=$(( BUDGET - (SECONDS - start) ))
+  if (( left < 30 )); then
+    echo "== $label: skipped (${left}s of the budget left)"
+    return
+  fi
+  echo "== $label: XLA_FLAGS='$flags' $args"
+  log=$(mktemp)
+  # shellcheck disable=SC2086  (args: several words)
+  XLA_FLAGS="$flags" timeout $(( left < PER ? left : PER )) \
+    "$PYTHON" bench/bench_step.py "${common[@]}" $args 2>&1 | tee "$log" | grep -v "^WARNING"
+  (( ${PIPESTATUS[0]} == 124 )) && echo "== $label: cut off at the time limit"
+  # s/step of the result row: the first decimal number after "VARIANT bBATCH".
+  t=$(awk '/^[A-Za-z]+\/[0-9]+ b[0-9]+/ { for (i = 3; i <= NF; i++) if ($i ~ /^[0-9]+\.[0-9]+$/) { print $i; exit } }' "$log")
+  rm -f "$log"
+  if [[ -n "$t" ]] && { [[ -z "$best_time" ]] || faster "$t" "$best_time"; }; then
+    best_label=$label best_time=$t best_flags=$flags best_args=$args
+  fi
+  last_time=$t
+}
 
 main() {
-  local start=$SECONDS
+  local start=$SECONDS case dtype steps
   if (( SMOKE )); then
     export JAX_PLATFORMS=cpu
-    local cases="Ti/16:2" big="Ti/16:4" dtype=float32 steps=1
+    case="Ti/16:2" dtype=float32 steps=1
   else
-    local cases="B/16:512" big="B/16:1024" dtype=bfloat16 steps=10
+    case="B/16:512" dtype=bfloat16 steps=10
     if compgen -G ".whl/*.whl" > /dev/null; then
       "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || echo "== warning: installing .whl/*.whl failed"
@@ -35,32 +82,41 @@ main() {
     fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   fi
-  local common=(--dtype="$dtype" --steps="$steps" --rounds=1 --no_torch --no-pipeline)
+  local common=(--cases="$case" --dtype="$dtype" --steps="$steps" --rounds=1 --no_torch
+                --no-pipeline)
+  echo "== $case, $dtype: ${#VARIANTS[@]} variants, ${PER}s each at most (budget ${BUDGET}s)"
 
-  echo "== $cases: attention xla vs cudnn (budget ${BUDGET}s)"
-  local main_log
-  main_log=$(mktemp)
-  timeout $(( BUDGET - 20 )) "$PYTHON" bench/bench_step.py --cases="$cases" \
-    --attention_impl=xla,cudnn "${common[@]}" | tee "$main_log"
-  local rc=$?
-  (( rc == 124 )) && echo "== $cases: cut off at $(( BUDGET - 20 ))s"
+  local spec label flags args left t cudnn_time="" combined=""
+  best_label="" best_time="" best_flags="" best_args=""
+  for spec in "${VARIANTS[@]}"; do
+    IFS='|' read -r label flags args <<< "$spec"
+    run_variant "$(trim "$label")" "$(trim "$flags")" "$(trim "$args")"
+    t=$last_time
+    [[ "$(trim "$label")" == cudnn ]] && cudnn_time=$t
+    if [[ "$(trim "$label")" == cudnn+* && -n "$t" && -n "$cudnn_time" ]] && faster "$t" "$cudnn_time"; then
+      combined="$combined $(trim "$flags")"
+    fi
+  done
+  combined=$(trim "$combined")
+  if [[ "$combined" == *" "* ]]; then
+    run_variant "cudnn+combined" "$combined" "--attention_impl=cudnn"
+  fi
+  echo "== fastest: ${best_label:-none} (${best_time:-n/a} s/step)"
 
-  # The faster kernel of the first run (lowest s/step among the rows that ran) for the big batch.
-  local best
-  best=$(awk '$3 == "xla" || $3 == "cudnn" { if ($4 ~ /^[0-9.]+$/ && (t == "" || $4 < t)) { t = $4; k = $3 } }
-              END { print k }' "$main_log")
-  rm -f "$main_log"
-  local left=$(( BUDGET - (SECONDS - start) ))
-  if [[ -n "$best" ]] && (( left >= 45 )); then
-    echo "== $big: attention $best (${left}s left)"
-    timeout "$left" "$PYTHON" bench/bench_step.py --cases="$big" --attention_impl="$best" \
-      "${common[@]}"
-    (( $? == 124 )) && echo "== $big: cut off at the time budget"
+  left=$(( BUDGET - (SECONDS - start) ))
+  if [[ -n "$best_label" ]] && (( left >= 45 )); then
+    echo "== profile of $best_label (${left}s left)"
+    rm -rf "$OUT/trace"
+    # shellcheck disable=SC2086
+    (( SMOKE )) && best_args=${best_args//--attention_impl=cudnn/--attention_impl=xla}
+    XLA_FLAGS="$best_flags" timeout "$left" "$PYTHON" bench/bench_step.py "${common[@]}" \
+      $best_args --profile="$OUT/trace" 2>&1 | grep -v "^WARNING"
+    "$PYTHON" bench/profile_summary.py "$OUT/trace" --top=20
   else
-    echo "== $big: skipped (${left}s left, faster kernel: ${best:-none})"
+    echo "== profile skipped (${left}s left)"
   fi
   echo "== done in $(( SECONDS - start ))s"
-  return $rc
+  [[ -n "$best_label" ]]
 }
 
 main 2>&1 | tee "$OUT/gpu_check.txt"

@@ -180,6 +180,29 @@ def test_block_outputs_and_attention_choice():
     vit.encoder_from_config(config)
 
 
+@pytest.mark.parametrize("queries,keys", [(17, 17), (101, 17), (16, 9), (9, 16)])
+def test_even_length_attention_equals_unpadded_with_gradients(queries, keys):
+  """The padding that lets cuDNN train CIM's odd lengths changes neither outputs nor gradients
+  (checked with the XLA kernel: the padding and its key mask are the same for both kernels)."""
+  rng = np.random.default_rng(queries * 100 + keys)
+  q, k, v = (jnp.asarray(rng.normal(size=(3, n, 2, 8)), jnp.float32)
+             for n in (queries, keys, keys))
+  cotangent = jnp.asarray(rng.normal(size=(3, queries, 2, 8)), jnp.float32)
+
+  def loss(attention):
+    return lambda q, k, v: (attention(q, k, v) * cotangent).sum()
+
+  plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  padded = lambda q, k, v: vit.even_length_attention(q, k, v, "xla")
+  out = padded(q, k, v)
+  assert out.shape == (3, queries, 2, 8)
+  np.testing.assert_allclose(out, plain(q, k, v), atol=1e-5)
+  for got, want in zip(jax.grad(loss(padded), argnums=(0, 1, 2))(q, k, v),
+                       jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_patch_embed_matmul_equals_conv_with_same_params():
   """The matmul patch embedding keeps nn.Conv's parameter tree, init and outputs."""
   images = _images(2, 48)

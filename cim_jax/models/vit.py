@@ -125,9 +125,33 @@ def multi_head_attention(q, k, v, implementation: Optional[str] = None):
   """(B, T, H, d) queries against (B, S, H, d) keys/values through the fused-kernel entry point.
 
   implementation None lets JAX choose (XLA today); 'cudnn' asks for cuDNN's fused kernel on
-  NVIDIA GPUs (bfloat16 / float16 only).
+  NVIDIA GPUs (bfloat16 / float16 only), with odd lengths padded (see `even_length_attention`).
   """
+  if implementation == "cudnn":
+    return even_length_attention(q, k, v, implementation)
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
+def even_length_attention(q, k, v, implementation: Optional[str] = None):
+  """`jax.nn.dot_product_attention` on even sequence lengths, exactly equal to the unpadded one.
+
+  cuDNN's fused kernel has no backward pass for odd lengths, and CIM's are odd (1 cls + a square
+  grid: 17 exemplar, 101 context tokens). An odd query gets one zero row, sliced off the output
+  (so it receives no gradient); odd keys/values get one zero key that the kernel's own padding
+  mask (key_value_seq_lengths) hides, so every real query attends to exactly its real keys.
+  """
+  batch, queries = q.shape[:2]
+  keys = k.shape[1]
+  if queries % 2:
+    q = jnp.pad(q, ((0, 0), (0, 1), (0, 0), (0, 0)))
+  key_value_seq_lengths = None
+  if keys % 2:
+    k = jnp.pad(k, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    key_value_seq_lengths = jnp.full((batch,), keys, jnp.int32)
+  out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=key_value_seq_lengths,
+                                     implementation=implementation)
+  return out[:, :queries]
 
 
 class SelfAttention(nn.Module):

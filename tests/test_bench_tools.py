@@ -1,0 +1,62 @@
+"""The benchmark helpers' own arithmetic: FLOP counts and the profile summary."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "bench"))
+import bench_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+import profile_summary  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def test_flop_counts_of_a_matmul_and_its_gradient():
+  def loss(w, x):
+    return jnp.tanh(x @ w).sum()
+
+  w, x = jnp.ones((32, 16)), jnp.ones((8, 32))
+  forward = 2 * 8 * 32 * 16
+  traced = jax.jit(loss).trace(w, x)
+  assert bench_step.matmul_flops(traced.jaxpr.jaxpr) == forward
+  # XLA's analysis of the lowered program also counts the elementwise work (tanh, the sum).
+  assert forward <= bench_step.xla_flops(traced.lower()) < 1.5 * forward
+  grad = jax.jit(jax.grad(loss)).trace(w, x)  # forward + the weight-gradient matmul
+  assert bench_step.matmul_flops(grad.jaxpr.jaxpr) == 2 * forward
+
+
+def _trace(kernels, device=True):
+  process = "/device:GPU:0 (NVIDIA H100)" if device else "/host:CPU"
+  thread = "Stream #20(Compute)" if device else "tf_XLAEigen/1"
+  events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": process}},
+            {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": thread}},
+            {"ph": "M", "pid": 1, "tid": 8, "name": "thread_name", "args": {"name": "XLA Ops"}}]
+  for name, dur in kernels:
+    events.append({"ph": "X", "pid": 1, "tid": 7, "ts": 0, "dur": dur, "name": name})
+    events.append({"ph": "X", "pid": 1, "tid": 8, "ts": 0, "dur": dur, "name": "hlo op"})
+  return {"traceEvents": events}
+
+
+def test_profile_summary_groups_kernel_time_by_kind():
+  trace = _trace([("nvjet_hsh_256x128_gemm", 600.0), ("sm90_xmma_gemm_bf16", 200.0),
+                  ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 100.0),
+                  ("input_reduce_fusion_3", 50.0), ("loop_add_fusion", 40.0),
+                  ("loop_add_fusion", 10.0)])
+  kernels = profile_summary.kernel_events(trace)
+  assert len(kernels) == 6  # the stream kernels, not the HLO-op line beside them
+  summary = profile_summary.summarize(kernels, top=2)
+  assert "kernel time 1.0 ms over 6 kernels" in summary
+  assert "matmul                 0.8 ms   80.0%" in summary
+  assert "attention              0.1 ms   10.0%" in summary
+  assert "elementwise            0.1 ms    5.0%" in summary
+  assert "nvjet_hsh_256x128_gemm" in summary and "input_reduce_fusion_3" not in summary
+
+
+@pytest.mark.parametrize("name,kind", [("gemm_fusion_dot_1", "matmul"),
+                                       ("transpose_copy_fusion", "transpose/copy"),
+                                       ("Memcpy HtoD", "memcpy/memset"),
+                                       ("something_else", "other")])
+def test_kernel_kinds(name, kind):
+  assert profile_summary.kernel_kind(name) == kind
