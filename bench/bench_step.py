@@ -4,8 +4,12 @@
   python bench/bench_step.py --cases=B/16:256 --dtype=bfloat16 --max_batch   # GPU / TPU
   python bench/bench_step.py --cases=L/16:64 --fsdp=8 --no_torch --pipeline
   python bench/bench_step.py --cases=B/16:512 --attention_impl=xla,cudnn --no_torch   # GPU
+  python bench/bench_step.py --config=configs/cim_vit_large.py --config.batch_size=64 --no_torch
 
-Sizes are DESIGN.md's (context 160, 6 exemplars of 64) unless overridden. "device batch" times
+Any pre-training config can be timed: `--config=FILE` and `--config.key=value` as for
+`python -m cim_jax.pretrain` (without them: configs/cim_vit_base.py, DESIGN.md's sizes: context
+160, 6 exemplars of 64); --cases, --dtype, --remat, --fsdp, --workers and --attention_impl, when
+given, override the config's variant/batch and settings. "device batch" times
 the jitted step on a batch already on device; "with pipeline" adds grain pair generation and the
 host -> device transfer. MFU = FLOPs / step time / (peak x devices), with FLOPs from XLA's cost
 analysis of the whole lowered step (backward, optimizer and rematerialised work included). The
@@ -29,7 +33,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from cim_jax import config_defaults, sharding  # pylint: disable=wrong-import-position
+from cim_jax import cli, sharding  # pylint: disable=wrong-import-position
 from cim_jax.models import cim  # pylint: disable=wrong-import-position
 from cim_jax.train import schedules, state as state_lib, step as step_lib  # pylint: disable=wrong-import-position
 
@@ -58,17 +62,34 @@ def measured_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
   return 2 * n**3 * repeats / (time.perf_counter() - t)
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "cim_vit_base.py")
+
+
+def load_base_config(config_args):
+  """The config `--config=FILE --config.key=value ...` describe (one-line error, exit 2)."""
+  return cli.exit_on_config_error(cli.parse, config_args, default_config=DEFAULT_CONFIG)[0]
+
+
 def bench_config(variant: str, batch: int, args, attention_impl: str = ""):
-  c = config_defaults.pretrain_config("base")
-  c.model.variant = variant
-  c.model.attention_impl = attention_impl
-  c.model.dtype = args.dtype
-  c.model.remat = args.remat
-  c.batch_size = batch
+  """args.base_config with the case (variant, global batch) and the flags that were given."""
+  c = args.base_config.copy_and_resolve_references()
+  if variant:
+    c.model.variant = variant
+  if batch:
+    c.batch_size = batch
+  if attention_impl:
+    c.model.attention_impl = attention_impl
+  for value, key in ((args.dtype, "dtype"), (args.remat, "remat")):
+    if value is not None:
+      c.model[key] = value
+  if args.fsdp is not None:
+    c.mesh.fsdp = args.fsdp
+  if args.workers is not None:
+    c.data.num_workers = args.workers
+  # Long enough a schedule that the timed steps are ordinary (past warm-up, lr > 0).
   c.num_train_steps = 10_000
   c.optim.warmup_steps = 10
-  c.mesh.fsdp = args.fsdp
-  c.data.num_workers = args.workers
   return c
 
 
@@ -215,17 +236,25 @@ def pipeline_iterator(config):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   on_cpu = jax.default_backend() == "cpu"
-  parser.add_argument("--cases", default="Ti/16:32,B/16:8" if on_cpu else "B/16:256",
-                      help="comma-separated VARIANT:GLOBAL_BATCH")
-  parser.add_argument("--dtype", default="float32" if on_cpu else "bfloat16")
+  parser.add_argument("--config", default="",
+                      help="pre-training config file (default configs/cim_vit_base.py); "
+                           "--config.key=value overrides may follow")
+  parser.add_argument("--cases", default=None,
+                      help="comma-separated VARIANT:GLOBAL_BATCH (default: Ti/16:32,B/16:8 on "
+                           "CPU, B/16:256 elsewhere; with --config, the config's own)")
+  parser.add_argument("--dtype", default=None,
+                      help="compute dtype (default: float32 on CPU, bfloat16 elsewhere; with "
+                           "--config, the config's own)")
   parser.add_argument("--attention_impl", default="",
                       help="comma-separated attention kernels to compare per case: xla, cudnn "
                            "(cuDNN fused attention; NVIDIA GPU with bfloat16/float16 only)")
   parser.add_argument("--steps", type=int, default=3 if on_cpu else 20, help="timed steps/round")
   parser.add_argument("--rounds", type=int, default=2, help="alternating ours/torch rounds")
-  parser.add_argument("--fsdp", type=int, default=1)
-  parser.add_argument("--remat", action="store_true")
-  parser.add_argument("--workers", type=int, default=0, help="grain workers for --pipeline")
+  parser.add_argument("--fsdp", type=int, default=None, help="fsdp axis size (default: config)")
+  parser.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
+                      help="rematerialise encoder blocks (default: config)")
+  parser.add_argument("--workers", type=int, default=None,
+                      help="grain workers for --pipeline (default: config)")
   parser.add_argument("--torch_threads", type=int, default=2)
   parser.add_argument("--settle", type=float, default=2.0,
                       help="seconds of idle after each torch round (its threads spin-wait)")
@@ -236,7 +265,19 @@ def main(argv=None):
                       help="double the batch from the given one until it no longer fits")
   parser.add_argument("--profile", default="",
                       help="write a jax.profiler (perfetto) trace of a few device-batch steps here")
-  args = parser.parse_args(argv)
+  args, rest = parser.parse_known_args(argv)
+  config_args = [a for a in rest if a.startswith("--config.") and "=" in a]
+  if len(config_args) != len(rest):
+    parser.error(f"unrecognized arguments: {' '.join(a for a in rest if a not in config_args)}")
+  custom_config = bool(args.config or config_args)
+  args.base_config = load_base_config(
+      ([f"--config={args.config}"] if args.config else []) + config_args)
+  if args.cases is None:
+    args.cases = ("" if custom_config else "Ti/16:32,B/16:8" if on_cpu else "B/16:256")
+  if args.dtype is None and not custom_config:
+    args.dtype = "float32" if on_cpu else "bfloat16"
+  if args.workers is None and not custom_config:
+    args.workers = 0
 
   device = jax.devices()[0]
   peak = peak_flops(device)
@@ -244,7 +285,9 @@ def main(argv=None):
   if peak is None:
     peak, peak_note = measured_matmul_peak(), "measured f32 matmul"
   print(f"device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()}), "
-        f"dtype {args.dtype}, peak/device {peak:.3g} FLOP/s ({peak_note}); "
+        f"config {args.config or DEFAULT_CONFIG}"
+        f"{' with ' + ' '.join(config_args) if config_args else ''}, "
+        f"peak/device {peak:.3g} FLOP/s ({peak_note}); "
         f"torch threads {args.torch_threads}. Shared machine: figures are noisy.", flush=True)
   print(f"jax {jax.__version__}, {installed_versions()}{cudnn_version()}; "
         f"devices {jax.devices()}", flush=True)
@@ -254,16 +297,18 @@ def main(argv=None):
     if impl not in ("", "xla", "cudnn"):
       parser.error(f"--attention_impl: unknown kernel {impl!r}; expected xla or cudnn")
   print_header()
-  for case in args.cases.split(","):
-    variant, batch = case.split(":")
+  cases = [c.split(":") for c in args.cases.split(",")] if args.cases else [("", "0")]
+  for variant, batch in cases:
     for impl in impls:
-      label = f"{variant} b{batch}" + (f" {impl}" if impl else "")
-      unsupported = unsupported_reason(impl, args.dtype)
+      config = bench_config(variant, int(batch), args, impl)
+      label = (f"{config.model.variant} b{config.batch_size}"
+               + (f" {config.model.attention_impl}" if impl else ""))
+      unsupported = unsupported_reason(config.model.attention_impl, config.model.dtype)
       if unsupported:
         print(f"{label:<{CASE_WIDTH}}n/a ({unsupported})", flush=True)
         continue
       try:
-        print_row(dict(bench_case(variant, int(batch), args, impl), case=label))
+        print_row(bench_case(variant, config.batch_size, args, impl))
       except Exception as e:  # pylint: disable=broad-except  (report and go on to the next case)
         message = (str(e).strip().splitlines() or [""])[0][:200]
         print(f"{label:<{CASE_WIDTH}}n/a (failed: {type(e).__name__}: {message})", flush=True)
@@ -321,7 +366,8 @@ def bench_case(variant, batch, args, attention_impl: str = ""):
       torch_t.append(torch_model.run(args.steps))
       time.sleep(args.settle)  # let torch's OpenMP threads stop spinning before we time ours
   t_ours = statistics.median(ours_t)
-  row = dict(case=f"{variant} b{batch}", ours=t_ours, sps=batch / t_ours,
+  label = f"{config.model.variant} b{batch}" + (f" {attention_impl}" if attention_impl else "")
+  row = dict(case=label, ours=t_ours, sps=batch / t_ours,
              mfu=ours.flops / t_ours / (args.peak * jax.device_count()),
              mfu_matmul=ours.matmul_flops / t_ours / (args.peak * jax.device_count()),
              compile=ours.compile_seconds)

@@ -60,3 +60,30 @@ def test_profile_summary_groups_kernel_time_by_kind():
                                        ("something_else", "other")])
 def test_kernel_kinds(name, kind):
   assert profile_summary.kernel_kind(name) == kind
+
+
+TINY_CONFIG = ["--config=configs/cim_vit_tiny.py", "--config.batch_size=2",
+               "--config.data.num_exemplars=2", "--config.data.context_size=32",
+               "--config.data.exemplar_size=16", "--config.model.decoder_dim=64",
+               "--config.model.decoder_heads=4"]
+
+
+def test_bench_step_times_any_config_with_and_without_the_pipeline(capsys):
+  bench_step.main(TINY_CONFIG + ["--no_torch", "--steps=1", "--rounds=1", "--pipeline"])
+  out = capsys.readouterr().out
+  assert "config configs/cim_vit_tiny.py with --config.batch_size=2" in out
+  row = [line for line in out.splitlines() if line.startswith("Ti/16 b2 ")]
+  assert len(row) == 1, out
+  fields = row[0].split()
+  step_seconds, samples_per_second = float(fields[2]), float(fields[3])
+  assert step_seconds > 0 and abs(samples_per_second * step_seconds / 2 - 1) < 0.01
+  mfu, matmul_mfu = (float(f.rstrip("%")) for f in fields[4:6])
+  assert 0 < matmul_mfu <= mfu < 100  # XLA's count includes elementwise work too
+  assert float(fields[8]) > 0  # the step fed by the input pipeline
+
+
+def test_bench_step_rejects_a_misspelt_config_key(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    bench_step.main(["--config.batch_sise=2"])
+  assert exit_info.value.code == 2
+  assert "did you mean config.batch_size" in capsys.readouterr().err
