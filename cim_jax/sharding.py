@@ -111,6 +111,22 @@ def global_batch(local_batch, sharding: NamedSharding):
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
+def to_host(tree):
+  """Every leaf as a whole numpy array on every process.
+
+  A leaf sharded over other processes' devices (fsdp across hosts) is all-gathered; this is a
+  collective, so every process must call it at the same point.
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  def fetch(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree.map(fetch, tree)
+
+
 def process_batch_size(global_batch_size: int) -> int:
   """This process's share of the global batch, with a clear error when it does not split."""
   n_dev, n_proc = jax.device_count(), jax.process_count()

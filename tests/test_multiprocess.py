@@ -43,3 +43,32 @@ def test_two_processes_agree_on_loss_and_params(tmp_path):
   # Both processes wrote their own data-iterator state into the shared checkpoint.
   data_dir = os.path.join(workdir, "checkpoints", "4", "data")
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(data_dir))
+
+
+def test_two_processes_with_parameters_sharded_across_them_train_and_evaluate(tmp_path):
+  """fsdp over both processes: training agrees, and the end-of-run report (pretext IoU, kNN),
+  which needs whole parameters, gathers them on every process and agrees too."""
+  workdir = str(tmp_path / "run")
+  port = _free_port()
+  overrides = ["num_train_steps=2", "checkpoint_every_steps=2", "mesh.fsdp=2",
+               "eval.pretext_iou=True", "eval.knn=True", "eval.num_heldout_pairs=4",
+               "--evaluate"]
+  procs = [start_run(workdir, overrides, devices=1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                     JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i)
+           for i in range(2)]
+  outs = [p.communicate(timeout=400)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  reports, evaluations = [], []
+  for i in range(2):
+    with open(os.path.join(workdir, f"final_process{i}.json")) as f:
+      reports.append(json.load(f))
+    with open(os.path.join(workdir, f"evaluation_process{i}.json")) as f:
+      evaluations.append(json.load(f))
+  assert all(r["sharded_leaves"] > 0 for r in reports)  # parameters really span both processes
+  assert reports[0]["loss"] == reports[1]["loss"]
+  assert evaluations[0] == evaluations[1]
+  assert {"pretext_iou/before", "pretext_iou/after", "knn/pretrained/k20/top1"} <= set(
+      evaluations[0])
+  with open(os.path.join(workdir, "report.json")) as f:  # written once, by process 0
+    assert json.load(f) == evaluations[0]

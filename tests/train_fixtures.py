@@ -1,7 +1,7 @@
 """Shared by the trainer tests: a tiny, fast CIM config, a subprocess runner, result readers.
 
 Run as a script it trains in a fresh process (the way tests kill, preempt or multiply it):
-  python tests/train_fixtures.py WORKDIR [key=value ...]
+  python tests/train_fixtures.py WORKDIR [key=value ...] [--evaluate]
 """
 
 import ast
@@ -117,6 +117,8 @@ def _main(argv):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   sharding.maybe_initialize_distributed()
   from cim_jax.train import loop  # pylint: disable=g-import-not-at-top
+  evaluate = "--evaluate" in argv  # train_and_evaluate with the end-of-run report
+  argv = [a for a in argv if a != "--evaluate"]
   workdir, overrides = argv[0], argv[1:]
   config = tiny_config()
   for item in overrides:
@@ -127,12 +129,14 @@ def _main(argv):
       pass
     set_key(config, key, value)
   result = loop.train(config, workdir)
+  if evaluate:
+    from cim_jax.evaluate import report as report_lib  # pylint: disable=g-import-not-at-top
+    evaluation = report_lib.evaluate_run(result)
+    with open(os.path.join(workdir, f"evaluation_process{jax.process_index()}.json"), "w") as f:
+      json.dump(evaluation, f)
   # Each process reports what it holds, so multi-process tests can compare processes.
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  gather = lambda x: np.asarray(x if x.is_fully_addressable else
-                                multihost_utils.process_allgather(x, tiled=True))
-  params = {jax.tree_util.keystr(p): gather(x) for p, x in
-            jax.tree_util.tree_flatten_with_path(result.state.params)[0]}
+  params = {jax.tree_util.keystr(p): x for p, x in
+            jax.tree_util.tree_flatten_with_path(sharding.to_host(result.state.params))[0]}
   np.savez(os.path.join(workdir, f"params_process{jax.process_index()}.npz"), **params)
   sharded = [x for x in jax.tree.leaves(result.state) if not x.sharding.is_fully_replicated]
   report = dict(result.metrics, sharded_leaves=len(sharded), devices=jax.device_count(),

@@ -8,15 +8,20 @@ from typing import Any
 import jax
 from etils import epath
 
+from cim_jax import sharding
 from cim_jax.evaluate import common, knn, pretext, visualize
 
 
 def evaluate_run(result) -> dict[str, Any]:
-  """`evaluate` callback of `loop.train_and_evaluate`: report on a `TrainResult`."""
-  state = result.state
-  return run(result.config, result.workdir, params=state.params,
-             target_params=state.target_params, model_state=state.model_state,
-             model=result.model)
+  """`evaluate` callback of `loop.train_and_evaluate`: report on a `TrainResult`.
+
+  Every process evaluates the same whole (host) copy of the state and process 0 writes the
+  report: parameters sharded across hosts (fsdp) are gathered first.
+  """
+  state = sharding.to_host({"params": result.state.params,
+                            "target_params": result.state.target_params,
+                            "model_state": result.state.model_state})
+  return run(result.config, result.workdir, model=result.model, **state)
 
 
 def run(config, workdir: str, *, params=None, target_params=None, model_state=None,
@@ -36,17 +41,20 @@ def run(config, workdir: str, *, params=None, target_params=None, model_state=No
   report: dict[str, Any] = {}
   out = epath.Path(workdir)  # a local path or gs://... alike
 
+  # Every process computes the same report; only process 0 writes files.
+  write_files = jax.process_index() == 0
   if config.eval.pretext_iou or config.eval.visualize:
     from cim_jax.data import pipeline
     pairs = pipeline.heldout_pairs(config)
     for name, (p, t, s) in (("before", before), ("after", (params, target_params, model_state))):
-      png = os.fspath(out / f"correlation_{name}.png") if config.eval.visualize else None
+      png = (os.fspath(out / f"correlation_{name}.png") if config.eval.visualize and write_files
+             else None)
       outcome = pretext.evaluate_pretext(model, p, t, s, pairs, png=png,
                                          title=f"{name} pre-training")
       report[f"pretext_iou/{name}"] = outcome["pretext_iou"]
       if png:
         report[f"png/correlation_{name}"] = png
-  if config.eval.visualize:
+  if config.eval.visualize and write_files:
     metrics_log = out / "metrics.jsonl"
     if metrics_log.exists():
       report["png/training_curves"] = visualize.plot_training_curves(
@@ -61,7 +69,7 @@ def run(config, workdir: str, *, params=None, target_params=None, model_state=No
       for key, value in knn.knn_accuracy(encoder, config.model, train, test, **kwargs).items():
         report[f"knn/{name}/{key}"] = value
 
-  if jax.process_index() == 0:
+  if write_files:
     path = out / "report.json"
     path.write_text(json.dumps(report, indent=2), encoding="utf-8")
     print(format_report(report, config))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cim_jax.models.vit import LAYERNORM_EPSILON, Mlp, dense_init, multi_head_attention
-from cim_jax.models.vit import sincos_pos_embed
+from cim_jax.models.vit import sincos_pos_embed, unstack_heads
 
 
 def align_corners_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -66,7 +66,7 @@ class CrossAttention(nn.Module):
     kv = dense(2 * dim, name="kv")(exemplars)
     kv = kv.reshape(batch * num_exemplars, exemplar_tokens, 2, self.num_heads, head_dim)
     out = multi_head_attention(q.reshape((batch * num_exemplars,) + q.shape[2:]),
-                               kv[:, :, 0], kv[:, :, 1], self.attention_impl)
+                               *unstack_heads(kv, 2), self.attention_impl)
     out = out.reshape(batch, num_exemplars, -1, dim)
     return dense(dim, name="proj")(out)
 

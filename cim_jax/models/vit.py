@@ -154,6 +154,16 @@ def even_length_attention(q, k, v, implementation: Optional[str] = None):
   return out[:, :queries]
 
 
+def unstack_heads(packed, count: int):
+  """(B, T, count, H, d) -> `count` arrays (B, T, H, d).
+
+  A split, not `packed[:, :, i]` indexing: the gradient of a split is one concatenation, that of
+  `count` index slices is `count` zero-padded full-size tensors summed (4% more bytes moved in
+  a CPU ViT-Ti step).
+  """
+  return [part.squeeze(2) for part in jnp.split(packed, count, axis=2)]
+
+
 class SelfAttention(nn.Module):
   """timm `Attention`: one qkv projection (rows [q; k; v], heads contiguous), output proj."""
   num_heads: int
@@ -165,7 +175,7 @@ class SelfAttention(nn.Module):
     batch, tokens, width = x.shape
     qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=dense_init, name="qkv")(x)
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, width // self.num_heads)
-    out = multi_head_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.attention_impl)
+    out = multi_head_attention(*unstack_heads(qkv, 3), self.attention_impl)
     out = out.reshape(batch, tokens, width)
     return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="proj")(out)
 
