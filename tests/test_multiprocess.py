@@ -2,9 +2,12 @@
 
 import json
 import os
+import signal
 import socket
+import time
 
 import numpy as np
+import pytest
 
 from train_fixtures import read_metrics, start_run
 
@@ -72,3 +75,44 @@ def test_two_processes_with_parameters_sharded_across_them_train_and_evaluate(tm
       evaluations[0])
   with open(os.path.join(workdir, "report.json")) as f:  # written once, by process 0
     assert json.load(f) == evaluations[0]
+
+
+def _committed(workdir, step):
+  return os.path.exists(os.path.join(workdir, "checkpoints", str(step), "_CHECKPOINT_METADATA"))
+
+
+@pytest.mark.slow
+def test_two_processes_killed_then_restarted_continue_bit_exactly(tmp_path):
+  """SIGKILL of both processes of an fsdp-across-hosts run, restart: the state restored into
+  shardings that span both processes continues exactly as an unbroken run."""
+  run = ["num_train_steps=40", "checkpoint_every_steps=10", "log_every_steps=1", "mesh.fsdp=2"]
+
+  def start_both(workdir):
+    port = _free_port()
+    return [start_run(workdir, run, devices=1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                      JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i) for i in range(2)]
+
+  def finish(procs):
+    for p in procs:
+      out, _ = p.communicate(timeout=400)
+      assert p.returncode == 0, out[-3000:]
+
+  reference, interrupted = str(tmp_path / "reference"), str(tmp_path / "interrupted")
+  finish(start_both(reference))
+  procs = start_both(interrupted)
+  deadline = time.time() + 300
+  while not _committed(interrupted, 10):
+    assert all(p.poll() is None for p in procs), "a process ended before checkpoint 10"
+    assert time.time() < deadline, "timed out waiting for checkpoint 10"
+    time.sleep(0.05)
+  for p in procs:
+    p.send_signal(signal.SIGKILL)
+  for p in procs:
+    p.wait()
+  assert max(read_metrics(interrupted)) < 40, "the run finished before it was killed"
+  resumed_from = max(s for s in (10, 20, 30) if _committed(interrupted, s))
+  finish(start_both(interrupted))
+  ref, got = read_metrics(reference), read_metrics(interrupted)
+  for step in range(resumed_from + 1, 41):
+    for key in ("loss", "grad_norm", "param_norm"):
+      assert got[step][key] == ref[step][key], (step, key, got[step][key], ref[step][key])
