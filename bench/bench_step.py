@@ -268,6 +268,8 @@ def main(argv=None):
                       help="also time with the input pipeline included")
   parser.add_argument("--max_batch", action="store_true",
                       help="double the batch from the given one until it no longer fits")
+  parser.add_argument("--max_batch_cap", type=int, default=0,
+                      help="with --max_batch: stop doubling at this batch (0: no cap)")
   parser.add_argument("--profile", default="",
                       help="write a jax.profiler (perfetto) trace of a few device-batch steps here")
   args, rest = parser.parse_known_args(argv)
@@ -393,6 +395,9 @@ def largest_batch(variant, batch, args, attention_impl: str = ""):
   """Doubles the batch while a step still fits in device memory."""
   fits = None
   while True:
+    if args.max_batch_cap and batch > args.max_batch_cap and fits is not None:
+      print(f"{variant}: stopped doubling at the cap, {args.max_batch_cap}")
+      return fits
     try:
       ours = Ours(bench_config(variant, batch, args, attention_impl))
       ours.run(1)

@@ -8,7 +8,8 @@
 # Each variant runs in its own process (XLA_FLAGS are read once, at backend start) with its own
 # time limit, so a flag this XLA does not know or a kernel that fails costs one row, not the run.
 # The first row, XLA attention with no flags, is the baseline the others compare with. Then the
-# fastest variant is profiled and its kernel time summarised by kind (bench/profile_summary.py).
+# fastest variant is profiled and its kernel time summarised by kind (bench/profile_summary.py),
+# and, if time is left, run at the largest batch that fits (doubling from 1024).
 # Everything printed also goes to $OUT/gpu_check.txt. Wheels in .whl/ (carried, git-ignored)
 # supply the packages the GPU image lacks.
 set -o pipefail
@@ -114,6 +115,21 @@ main() {
     "$PYTHON" bench/profile_summary.py "$OUT/trace" --top=20
   else
     echo "== profile skipped (${left}s left)"
+  fi
+
+  # The case is the largest batch that fits: double from 1024 with the fastest variant.
+  left=$(( BUDGET - (SECONDS - start) ))
+  if [[ -n "$best_label" ]] && (( left >= 90 )); then
+    local big_case="B/16:1024" cap=0
+    (( SMOKE )) && big_case="Ti/16:4" cap=8
+    (( SMOKE )) && best_args=${best_args//--attention_impl=cudnn/--attention_impl=xla}
+    echo "== largest batch from ${big_case#*:}, $best_label (${left}s left)"
+    # shellcheck disable=SC2086
+    XLA_FLAGS="$best_flags" timeout "$left" "$PYTHON" bench/bench_step.py "${common[@]}" \
+      --cases="$big_case" --max_batch --max_batch_cap="$cap" $best_args 2>&1 | grep -v "^WARNING"
+    (( ${PIPESTATUS[0]} == 124 )) && echo "== largest batch: cut off at the time budget"
+  else
+    echo "== largest batch skipped (${left}s left)"
   fi
   echo "== done in $(( SECONDS - start ))s"
   [[ -n "$best_label" ]]
