@@ -203,6 +203,27 @@ def test_even_length_attention_equals_unpadded_with_gradients(queries, keys):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_gelu_form_is_exact_by_default_and_tanh_on_request():
+  """model.gelu_approximate reaches every MLP (encoder and decoder); the default is timm's erf."""
+  model_config = config_defaults.model_config("Ti/16")
+  data_config = config_defaults.data_config()
+  data_config.context_size, data_config.exemplar_size, data_config.num_exemplars = 32, 16, 2
+  exact = cim.build_model(model_config, data_config, width=32, depth=1, num_heads=2)
+  model_config.gelu_approximate = True
+  tanh = cim.build_model(model_config, data_config, width=32, depth=1, num_heads=2)
+  assert (exact.encoder.approximate_gelu, exact.decoder.approximate_gelu) == (False, False)
+  assert (tanh.encoder.approximate_gelu, tanh.decoder.approximate_gelu) == (True, True)
+  x = jnp.linspace(-4.0, 4.0, 101).reshape(1, 101, 1) * jnp.ones((1, 1, 8))
+  mlp = lambda approximate: vit.Mlp(16, approximate_gelu=approximate)
+  params = mlp(False).init(jax.random.key(0), x)
+  erf_out, tanh_out = (mlp(a).apply(params, x) for a in (False, True))
+  exact_gelu = lambda h: 0.5 * h * (1 + jax.scipy.special.erf(h / np.sqrt(2.0)))
+  hidden = x @ params["params"]["fc1"]["kernel"] + params["params"]["fc1"]["bias"]
+  np.testing.assert_allclose(
+      erf_out, exact_gelu(hidden) @ params["params"]["fc2"]["kernel"], atol=1e-5)
+  assert 0 < float(jnp.abs(erf_out - tanh_out).max()) < 1e-2  # different forms, close values
+
+
 def test_patch_embed_matmul_equals_conv_with_same_params():
   """The matmul patch embedding keeps nn.Conv's parameter tree, init and outputs."""
   images = _images(2, 48)

@@ -78,7 +78,8 @@ class CIMModel:
     self.decoder = CorrelationDecoder(
         dim=int(model_config.decoder_dim), num_heads=int(model_config.decoder_heads),
         mlp_ratio=float(model_config.decoder_mlp_ratio), output_size=self.context_size,
-        dtype=self.dtype, attention_impl=self.encoder.attention_impl)
+        dtype=self.dtype, attention_impl=self.encoder.attention_impl,
+        approximate_gelu=self.encoder.approximate_gelu)
     self.corr_loss_weight = float(model_config.corr_loss_weight)
     self.global_loss_weight = float(model_config.global_loss_weight)
     self.use_global_loss = self.global_loss_weight > 0

@@ -77,6 +77,7 @@ class CrossBlock(nn.Module):
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = None
+  approximate_gelu: bool = False  # see vit.Mlp
 
   @nn.compact
   def __call__(self, context, exemplars):
@@ -86,7 +87,8 @@ class CrossBlock(nn.Module):
         norm1(context), norm1(exemplars))
     x = context[:, None] + y
     hidden = int(x.shape[-1] * self.mlp_ratio)
-    return x + Mlp(hidden, dtype=self.dtype, name="mlp")(norm(name="norm2")(x))
+    return x + Mlp(hidden, dtype=self.dtype, approximate_gelu=self.approximate_gelu,
+                   name="mlp")(norm(name="norm2")(x))
 
 
 class CorrelationDecoder(nn.Module):
@@ -97,6 +99,7 @@ class CorrelationDecoder(nn.Module):
   output_size: int = 160  # context size in pixels
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = None  # None: JAX's choice (XLA); 'cudnn': fused GPU kernel
+  approximate_gelu: bool = False  # see vit.Mlp
 
   @nn.compact
   def __call__(self, context_tokens, exemplar_tokens, upsample: bool = True):
@@ -116,7 +119,7 @@ class CorrelationDecoder(nn.Module):
     context = context + jnp.asarray(sincos_pos_embed(self.dim, grid, cls_slot=True), context.dtype)
     exemplars = embed(exemplar_tokens)
     x = CrossBlock(self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl,
-                   name="decoder_corr_block")(
+                   self.approximate_gelu, name="decoder_corr_block")(
         context, exemplars)
     x = nn.LayerNorm(epsilon=LAYERNORM_EPSILON, dtype=self.dtype, name="decoder_norm")(x)
     x = x[:, :, 1:].reshape(x.shape[:2] + (grid, grid, self.dim))

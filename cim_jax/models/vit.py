@@ -109,15 +109,18 @@ dense_init = nn.initializers.xavier_uniform()
 
 
 class Mlp(nn.Module):
-  """fc1 -> exact GELU -> fc2 (timm `Mlp`)."""
+  """fc1 -> GELU -> fc2 (timm `Mlp`)."""
   hidden_dim: int
   dtype: Any = jnp.float32
+  # False: exact erf GELU, as timm's nn.GELU and the authors. True: the tanh form, which GPU
+  # compilers can fuse with fc1's bias into the matmul epilogue (a speed option, not the recipe).
+  approximate_gelu: bool = False
 
   @nn.compact
   def __call__(self, x):
     out_dim = x.shape[-1]
     x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)  # timm's nn.GELU is the exact erf form
+    x = nn.gelu(x, approximate=self.approximate_gelu)
     return nn.Dense(out_dim, dtype=self.dtype, kernel_init=dense_init, name="fc2")(x)
 
 
@@ -201,6 +204,7 @@ class Block(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = None
+  approximate_gelu: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -209,7 +213,8 @@ class Block(nn.Module):
     y = SelfAttention(self.num_heads, self.dtype, self.attention_impl, name="attn")(
         norm(name="norm1")(x))
     x = x + drop_path(y, deterministic)
-    y = Mlp(int(x.shape[-1] * self.mlp_ratio), dtype=self.dtype, name="mlp")(norm(name="norm2")(x))
+    y = Mlp(int(x.shape[-1] * self.mlp_ratio), dtype=self.dtype,
+            approximate_gelu=self.approximate_gelu, name="mlp")(norm(name="norm2")(x))
     return x + drop_path(y, deterministic)
 
 
@@ -259,6 +264,7 @@ class VisionTransformer(nn.Module):
   num_classes: int = 0  # 0 = no classification head
   attention_impl: Optional[str] = None  # None: JAX's choice (XLA); 'cudnn': fused GPU kernel
   keep_block_outputs: bool = False  # intermediates['blocks']: every block's output tokens
+  approximate_gelu: bool = False  # tanh GELU (a GPU speed option); False: exact, as timm
 
   @nn.compact
   def __call__(self, images, *, cls_token=None, train: bool = False):
@@ -288,7 +294,7 @@ class VisionTransformer(nn.Module):
     block_outputs = []
     for i in range(self.depth):
       x = block_cls(self.num_heads, self.mlp_ratio, float(drop_rates[i]), self.dtype,
-                    self.attention_impl, name=f"blocks_{i}")(x, not train)
+                    self.attention_impl, self.approximate_gelu, name=f"blocks_{i}")(x, not train)
       block_outputs.append(x)
     if self.keep_block_outputs:
       intermediates["blocks"] = block_outputs
@@ -318,7 +324,8 @@ def encoder_from_config(model_config, *, pool: str = "none", num_classes: int = 
                 drop_path_rate=float(model_config.drop_path_rate),
                 dtype=compute_dtype(model_config.dtype), remat=bool(model_config.remat),
                 pool=pool, num_classes=num_classes,
-                attention_impl=attention_impl(model_config))
+                attention_impl=attention_impl(model_config),
+                approximate_gelu=bool(model_config.get("gelu_approximate", False)))
   fields.update(overrides)
   return VisionTransformer(**fields)
 
