@@ -31,14 +31,22 @@ def _steps(workdir):
   return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_previous(trained, tmp_path, caplog):
+# A failed orbax restore leaves an asyncio callback behind (library noise, not our state).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damaged", ["every file", "array data only"])
+def test_corrupt_latest_checkpoint_falls_back_to_previous(trained, tmp_path, caplog, damaged):
   workdir = _copy(trained, tmp_path)
   assert _steps(workdir) == [2, 4, 6]
+  truncated = 0
   for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "6", "state")):
-    for name in files:  # truncate every file of the latest state: a half-written copy
+    for name in files:  # truncate the latest state's files: a half-written copy
+      if damaged == "array data only" and os.path.basename(root) != "d":
+        continue  # metadata intact: the damage shows only when the arrays are read
       path = os.path.join(root, name)
       with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
+      truncated += 1
+  assert truncated
   with caplog.at_level(logging.WARNING):
     result = loop.train(tiny_config(), workdir)
   warning = " ".join(r.getMessage() for r in caplog.records if "unreadable" in r.getMessage())

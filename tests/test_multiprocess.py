@@ -116,3 +116,32 @@ def test_two_processes_killed_then_restarted_continue_bit_exactly(tmp_path):
   for step in range(resumed_from + 1, 41):
     for key in ("loss", "grad_norm", "param_norm"):
       assert got[step][key] == ref[step][key], (step, key, got[step][key], ref[step][key])
+
+
+def test_a_checkpoint_one_process_cannot_read_is_skipped_by_both(tmp_path):
+  """Process 1's data-iterator state in the latest checkpoint is garbled: both processes agree
+  to fall back to the step before (one falling back alone would leave them out of step)."""
+  workdir = str(tmp_path / "run")
+  run = ["num_train_steps=6", "checkpoint_every_steps=2", "mesh.fsdp=2"]
+
+  def run_both():
+    port = _free_port()
+    procs = [start_run(workdir, run, devices=1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                       JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i) for i in range(2)]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    for p, out in zip(procs, outs):
+      assert p.returncode == 0, out[-3000:]
+    return outs
+
+  run_both()
+  original = read_metrics(workdir)
+  with open(os.path.join(workdir, "checkpoints", "6", "data", "process_1-of-2.json"), "w") as f:
+    f.write('{"next_index": ')  # cut off mid-write
+  outs = run_both()
+  for out in outs:
+    assert "checkpoint step 6" in out and "falling back to step 4" in out, out[-3000:]
+  assert "unreadable on process(es) [1]" in outs[0]
+  redone = read_metrics(workdir)
+  for step in (5, 6):
+    assert redone[step]["loss"] == original[step]["loss"]
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "corrupt_6"))

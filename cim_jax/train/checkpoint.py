@@ -60,20 +60,55 @@ class Checkpointer:
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
-      items = dict(state=ocp.args.StandardRestore(abstract_state))
-      if data_iterator is not None:
-        items["data"] = grain_checkpoint.CheckpointRestore(data_iterator)
+      # Restoring is collective: a step one process cannot read must be skipped by all of them,
+      # so the cheap per-process checks are agreed on first.
+      problem = self._agreed_problem(step, with_data=data_iterator is not None)
+      if problem is None:
+        items = dict(state=ocp.args.StandardRestore(abstract_state))
+        if data_iterator is not None:
+          items["data"] = grain_checkpoint.CheckpointRestore(data_iterator)
+        try:
+          restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+          return step, restored["state"]
+        except Exception as e:  # pylint: disable=broad-except  (any failure means unreadable)
+          if jax.process_count() > 1:
+            # The other processes may have read their part: falling back alone would desync.
+            raise RuntimeError(
+                f"checkpoint step {step} in {self.directory} failed to restore on process "
+                f"{jax.process_index()} ({type(e).__name__}: {_first_line(e)}); rename it to "
+                f"corrupt_{step} to resume from the step before") from e
+          problem = f"{type(e).__name__}: {_first_line(e)}"
+      fallback = steps[i + 1] if i + 1 < len(steps) else None
+      logging.warning(
+          "checkpoint step %d in %s is unreadable (%s); falling back to %s", step,
+          self.directory, problem,
+          f"step {fallback}" if fallback is not None else "a fresh start (no older checkpoint)")
+      self._quarantine(step)
+    return None
+
+  def _agreed_problem(self, step: int, with_data: bool):
+    """What makes `step` unreadable on this or any other process (None: nothing found)."""
+    problem = self._local_problem(step, with_data)
+    if jax.process_count() == 1:
+      return problem
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(problem is not None)))
+    if problem is None and failed.any():
+      problem = f"unreadable on process(es) {np.flatnonzero(failed).tolist()}"
+    return problem
+
+  def _local_problem(self, step: int, with_data: bool):
+    """This process's share of `step` that can be checked without a collective: the JSON
+    metadata every process reads and this process's data-iterator state."""
+    root = self.directory / str(step)
+    files = [root / "_CHECKPOINT_METADATA", root / "state" / "_METADATA"]
+    if with_data:
+      files.append(root / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    for path in files:
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-      except Exception as e:  # pylint: disable=broad-except  (any failure means unreadable)
-        fallback = steps[i + 1] if i + 1 < len(steps) else None
-        logging.warning(
-            "checkpoint step %d in %s is unreadable (%s: %s); falling back to %s", step,
-            self.directory, type(e).__name__, str(e).splitlines()[0] if str(e) else "",
-            f"step {fallback}" if fallback is not None else "a fresh start (no older checkpoint)")
-        self._quarantine(step)
-        continue
-      return step, restored["state"]
+        json.loads(path.read_text())
+      except Exception as e:  # pylint: disable=broad-except  (missing or garbled alike)
+        return f"{path.name}: {type(e).__name__}: {_first_line(e)}"
     return None
 
   def _quarantine(self, step: int) -> None:
@@ -89,6 +124,10 @@ class Checkpointer:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"quarantine_{step}")
     self.manager.reload()
+
+
+def _first_line(error: Exception) -> str:
+  return str(error).splitlines()[0] if str(error) else ""
 
 
 def restore_state_anywhere(directory, sharding, step=None):
