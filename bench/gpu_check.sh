@@ -73,6 +73,14 @@ run_variant() {
   last_time=$t
 }
 
+# on_base: a 'cudnn+...' variant (label, args of the caller) moved onto XLA attention when the
+# cudnn row gave no time (base=xla).
+on_base() {
+  if [[ "$label" == cudnn+* && "$base" == xla ]]; then
+    label="xla+${label#cudnn+}" args=${args//--attention_impl=cudnn/--attention_impl=xla}
+  fi
+}
+
 main() {
   local start=$SECONDS case dtype steps
   if (( SMOKE )); then
@@ -97,9 +105,7 @@ main() {
   for spec in "${VARIANTS[@]}"; do
     IFS='|' read -r label flags args <<< "$spec"
     label=$(trim "$label") flags=$(trim "$flags") args=$(trim "$args")
-    if [[ "$label" == cudnn+* && "$base" == xla ]]; then
-      label="xla+${label#cudnn+}" args=${args//--attention_impl=cudnn/--attention_impl=xla}
-    fi
+    on_base
     run_variant "$label" "$flags" "$args"
     t=$last_time
     case "$label" in
@@ -126,7 +132,6 @@ main() {
     echo "== profile of $best_label (${left}s left)"
     rm -rf "$OUT/trace"
     # shellcheck disable=SC2086
-    (( SMOKE )) && best_args=${best_args//--attention_impl=cudnn/--attention_impl=xla}
     XLA_FLAGS="$best_flags" timeout "$left" "$PYTHON" bench/bench_step.py "${common[@]}" \
       $best_args --profile="$OUT/trace" 2>&1 | grep -v "^WARNING"
     "$PYTHON" bench/profile_summary.py "$OUT/trace" --top=20
@@ -139,7 +144,6 @@ main() {
   if [[ -n "$best_label" ]] && (( left >= 90 )); then
     local big_case="B/16:1024" cap=0
     (( SMOKE )) && big_case="Ti/16:4" cap=8
-    (( SMOKE )) && best_args=${best_args//--attention_impl=cudnn/--attention_impl=xla}
     echo "== largest batch from ${big_case#*:}, $best_label (${left}s left)"
     # shellcheck disable=SC2086
     XLA_FLAGS="$best_flags" timeout "$left" "$PYTHON" bench/bench_step.py "${common[@]}" \
@@ -151,9 +155,7 @@ main() {
 
   local saved=("$best_label" "$best_time" "$best_flags" "$best_args")
   IFS='|' read -r label flags args <<< "$MODEL_OPTION"
-  if [[ "$base" == xla ]]; then
-    label="xla+${label#cudnn+}" args=${args//--attention_impl=cudnn/--attention_impl=xla}
-  fi
+  on_base
   run_variant "$label" "$flags" "$args"
   best_label=${saved[0]} best_time=${saved[1]} best_flags=${saved[2]} best_args=${saved[3]}
   echo "== done in $(( SECONDS - start ))s"

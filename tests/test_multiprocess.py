@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from train_fixtures import read_metrics, start_run
+from train_fixtures import committed, read_metrics, start_run
 
 
 def _free_port():
@@ -18,23 +18,34 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_agree_on_loss_and_params(tmp_path):
-  workdir = str(tmp_path / "run")
+def _start_two(workdir, overrides):
+  """Two processes of one run (one CPU device each), joined through a fresh coordinator port."""
   port = _free_port()
-  procs = [start_run(workdir, ["num_train_steps=4", "checkpoint_every_steps=2"], devices=1,
-                     JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=2,
-                     JAX_PROCESS_ID=i)
-           for i in range(2)]
-  outs = []
-  for p in procs:
-    out, _ = p.communicate(timeout=400)
-    outs.append(out)
+  return [start_run(workdir, overrides, devices=1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                    JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i) for i in range(2)]
+
+
+def _finish(procs):
+  """Waits for every process; each must exit 0. Returns their outputs."""
+  outs = [p.communicate(timeout=400)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
+  return outs
+
+
+def _reports(workdir, name):
+  """The `name`_process<i>.json each process wrote."""
   reports = []
   for i in range(2):
-    with open(os.path.join(workdir, f"final_process{i}.json")) as f:
+    with open(os.path.join(workdir, f"{name}_process{i}.json")) as f:
       reports.append(json.load(f))
+  return reports
+
+
+def test_two_processes_agree_on_loss_and_params(tmp_path):
+  workdir = str(tmp_path / "run")
+  _finish(_start_two(workdir, ["num_train_steps=4", "checkpoint_every_steps=2"]))
+  reports = _reports(workdir, "final")
   assert [r["processes"] for r in reports] == [2, 2]
   assert [r["devices"] for r in reports] == [2, 2]
   assert reports[0]["loss"] == reports[1]["loss"]
@@ -52,22 +63,10 @@ def test_two_processes_with_parameters_sharded_across_them_train_and_evaluate(tm
   """fsdp over both processes: training agrees, and the end-of-run report (pretext IoU, kNN),
   which needs whole parameters, gathers them on every process and agrees too."""
   workdir = str(tmp_path / "run")
-  port = _free_port()
-  overrides = ["num_train_steps=2", "checkpoint_every_steps=2", "mesh.fsdp=2",
-               "eval.pretext_iou=True", "eval.knn=True", "eval.num_heldout_pairs=4",
-               "--evaluate"]
-  procs = [start_run(workdir, overrides, devices=1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                     JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i)
-           for i in range(2)]
-  outs = [p.communicate(timeout=400)[0] for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
-  reports, evaluations = [], []
-  for i in range(2):
-    with open(os.path.join(workdir, f"final_process{i}.json")) as f:
-      reports.append(json.load(f))
-    with open(os.path.join(workdir, f"evaluation_process{i}.json")) as f:
-      evaluations.append(json.load(f))
+  _finish(_start_two(workdir, ["num_train_steps=2", "checkpoint_every_steps=2", "mesh.fsdp=2",
+                               "eval.pretext_iou=True", "eval.knn=True",
+                               "eval.num_heldout_pairs=4", "--evaluate"]))
+  reports, evaluations = _reports(workdir, "final"), _reports(workdir, "evaluation")
   assert all(r["sharded_leaves"] > 0 for r in reports)  # parameters really span both processes
   assert reports[0]["loss"] == reports[1]["loss"]
   assert evaluations[0] == evaluations[1]
@@ -77,31 +76,16 @@ def test_two_processes_with_parameters_sharded_across_them_train_and_evaluate(tm
     assert json.load(f) == evaluations[0]
 
 
-def _committed(workdir, step):
-  return os.path.exists(os.path.join(workdir, "checkpoints", str(step), "_CHECKPOINT_METADATA"))
-
-
 @pytest.mark.slow
 def test_two_processes_killed_then_restarted_continue_bit_exactly(tmp_path):
   """SIGKILL of both processes of an fsdp-across-hosts run, restart: the state restored into
   shardings that span both processes continues exactly as an unbroken run."""
   run = ["num_train_steps=40", "checkpoint_every_steps=10", "log_every_steps=1", "mesh.fsdp=2"]
-
-  def start_both(workdir):
-    port = _free_port()
-    return [start_run(workdir, run, devices=1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                      JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i) for i in range(2)]
-
-  def finish(procs):
-    for p in procs:
-      out, _ = p.communicate(timeout=400)
-      assert p.returncode == 0, out[-3000:]
-
   reference, interrupted = str(tmp_path / "reference"), str(tmp_path / "interrupted")
-  finish(start_both(reference))
-  procs = start_both(interrupted)
+  _finish(_start_two(reference, run))
+  procs = _start_two(interrupted, run)
   deadline = time.time() + 300
-  while not _committed(interrupted, 10):
+  while not committed(interrupted, 10):
     assert all(p.poll() is None for p in procs), "a process ended before checkpoint 10"
     assert time.time() < deadline, "timed out waiting for checkpoint 10"
     time.sleep(0.05)
@@ -110,8 +94,8 @@ def test_two_processes_killed_then_restarted_continue_bit_exactly(tmp_path):
   for p in procs:
     p.wait()
   assert max(read_metrics(interrupted)) < 40, "the run finished before it was killed"
-  resumed_from = max(s for s in (10, 20, 30) if _committed(interrupted, s))
-  finish(start_both(interrupted))
+  resumed_from = max(s for s in (10, 20, 30) if committed(interrupted, s))
+  _finish(_start_two(interrupted, run))
   ref, got = read_metrics(reference), read_metrics(interrupted)
   for step in range(resumed_from + 1, 41):
     for key in ("loss", "grad_norm", "param_norm"):
@@ -123,21 +107,11 @@ def test_a_checkpoint_one_process_cannot_read_is_skipped_by_both(tmp_path):
   to fall back to the step before (one falling back alone would leave them out of step)."""
   workdir = str(tmp_path / "run")
   run = ["num_train_steps=6", "checkpoint_every_steps=2", "mesh.fsdp=2"]
-
-  def run_both():
-    port = _free_port()
-    procs = [start_run(workdir, run, devices=1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                       JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i) for i in range(2)]
-    outs = [p.communicate(timeout=400)[0] for p in procs]
-    for p, out in zip(procs, outs):
-      assert p.returncode == 0, out[-3000:]
-    return outs
-
-  run_both()
+  _finish(_start_two(workdir, run))
   original = read_metrics(workdir)
   with open(os.path.join(workdir, "checkpoints", "6", "data", "process_1-of-2.json"), "w") as f:
     f.write('{"next_index": ')  # cut off mid-write
-  outs = run_both()
+  outs = _finish(_start_two(workdir, run))
   for out in outs:
     assert "checkpoint step 6" in out and "falling back to step 4" in out, out[-3000:]
   assert "unreadable on process(es) [1]" in outs[0]

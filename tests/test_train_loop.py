@@ -7,7 +7,7 @@ import time
 import jax
 import numpy as np
 
-from train_fixtures import read_checkpoint, read_metrics, start_run
+from train_fixtures import committed, read_checkpoint, read_metrics, start_run
 
 
 def _wait_for(predicate, proc, timeout=240, what="condition"):
@@ -29,10 +29,6 @@ def _finish(proc, timeout=240):
   return out
 
 
-def _committed(workdir, step):
-  return os.path.exists(os.path.join(workdir, "checkpoints", str(step), "_CHECKPOINT_METADATA"))
-
-
 RUN = ["num_train_steps=40", "checkpoint_every_steps=10", "log_every_steps=1"]
 
 
@@ -40,13 +36,13 @@ def test_sigkill_then_restart_continues_bit_exactly(tmp_path):
   reference, interrupted = str(tmp_path / "reference"), str(tmp_path / "interrupted")
   _finish(start_run(reference, RUN))
   proc = start_run(interrupted, RUN)
-  _wait_for(lambda: _committed(interrupted, 10), proc, what="checkpoint 10")
+  _wait_for(lambda: committed(interrupted, 10), proc, what="checkpoint 10")
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert proc.returncode == -signal.SIGKILL
   killed_at = max(read_metrics(interrupted))
   assert killed_at < 40, "the run finished before it was killed; the test proves nothing"
-  resumed_from = max(s for s in (10, 20, 30) if _committed(interrupted, s))
+  resumed_from = max(s for s in (10, 20, 30) if committed(interrupted, s))
   out = _finish(start_run(interrupted, RUN))
   assert "TRAINING DONE" in out
   ref, got = read_metrics(reference), read_metrics(interrupted)
@@ -70,5 +66,5 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
   out = _finish(proc, timeout=120)
   assert '"preempted": true' in out
   last = max(read_metrics(workdir))
-  assert _committed(workdir, last), f"no checkpoint at the preemption step {last}"
+  assert committed(workdir, last), f"no checkpoint at the preemption step {last}"
   assert int(read_checkpoint(workdir, last)["step"]) == last

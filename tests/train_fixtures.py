@@ -67,6 +67,11 @@ def read_metrics(workdir):
   return rows
 
 
+def committed(workdir, step) -> bool:
+  """Whether checkpoint `step` of a run is fully written (orbax's commit marker)."""
+  return os.path.exists(os.path.join(workdir, "checkpoints", str(step), "_CHECKPOINT_METADATA"))
+
+
 def read_checkpoint(workdir, step=None):
   """The saved train state (numpy pytree) at `step` (default: latest)."""
   import jax  # pylint: disable=g-import-not-at-top
