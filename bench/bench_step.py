@@ -71,6 +71,32 @@ def load_base_config(config_args):
   return cli.exit_on_config_error(cli.parse, config_args, default_config=DEFAULT_CONFIG)[0]
 
 
+def add_case_arguments(parser, default_cases: str, default_dtype: str):
+  """--config, --cases, --dtype: the config and cases to time or compile (gpu_aot.py too)."""
+  parser.add_argument("--config", default="",
+                      help="pre-training config file (default configs/cim_vit_base.py); "
+                           "--config.key=value overrides may follow")
+  parser.add_argument("--cases", default=None,
+                      help=f"comma-separated VARIANT:GLOBAL_BATCH (default: {default_cases}; "
+                           f"with --config, the config's own)")
+  parser.add_argument("--dtype", default=None,
+                      help=f"compute dtype (default: {default_dtype}; with --config, the "
+                           f"config's own)")
+
+
+def parse_case_arguments(parser, argv):
+  """(args, config_args): the flags, with the `--config.key=value` overrides taken apart;
+  args.base_config is the config they describe, args.custom_config whether one was given."""
+  args, rest = parser.parse_known_args(argv)
+  config_args = [a for a in rest if a.startswith("--config.") and "=" in a]
+  if len(config_args) != len(rest):
+    parser.error(f"unrecognized arguments: {' '.join(a for a in rest if a not in config_args)}")
+  args.custom_config = bool(args.config or config_args)
+  args.base_config = load_base_config(
+      ([f"--config={args.config}"] if args.config else []) + config_args)
+  return args, config_args
+
+
 def bench_config(variant: str, batch: int, args, attention_impl: str = ""):
   """args.base_config with the case (variant, global batch) and the flags that were given."""
   c = args.base_config.copy_and_resolve_references()
@@ -241,15 +267,8 @@ def pipeline_iterator(config):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   on_cpu = jax.default_backend() == "cpu"
-  parser.add_argument("--config", default="",
-                      help="pre-training config file (default configs/cim_vit_base.py); "
-                           "--config.key=value overrides may follow")
-  parser.add_argument("--cases", default=None,
-                      help="comma-separated VARIANT:GLOBAL_BATCH (default: Ti/16:32,B/16:8 on "
-                           "CPU, B/16:256 elsewhere; with --config, the config's own)")
-  parser.add_argument("--dtype", default=None,
-                      help="compute dtype (default: float32 on CPU, bfloat16 elsewhere; with "
-                           "--config, the config's own)")
+  add_case_arguments(parser, "Ti/16:32,B/16:8 on CPU, B/16:256 elsewhere",
+                     "float32 on CPU, bfloat16 elsewhere")
   parser.add_argument("--attention_impl", default="",
                       help="comma-separated attention kernels to compare per case: xla, cudnn "
                            "(cuDNN fused attention; NVIDIA GPU with bfloat16/float16 only)")
@@ -272,18 +291,12 @@ def main(argv=None):
                       help="with --max_batch: stop doubling at this batch (0: no cap)")
   parser.add_argument("--profile", default="",
                       help="write a jax.profiler (perfetto) trace of a few device-batch steps here")
-  args, rest = parser.parse_known_args(argv)
-  config_args = [a for a in rest if a.startswith("--config.") and "=" in a]
-  if len(config_args) != len(rest):
-    parser.error(f"unrecognized arguments: {' '.join(a for a in rest if a not in config_args)}")
-  custom_config = bool(args.config or config_args)
-  args.base_config = load_base_config(
-      ([f"--config={args.config}"] if args.config else []) + config_args)
+  args, config_args = parse_case_arguments(parser, argv)
   if args.cases is None:
-    args.cases = ("" if custom_config else "Ti/16:32,B/16:8" if on_cpu else "B/16:256")
-  if args.dtype is None and not custom_config:
+    args.cases = ("" if args.custom_config else "Ti/16:32,B/16:8" if on_cpu else "B/16:256")
+  if args.dtype is None and not args.custom_config:
     args.dtype = "float32" if on_cpu else "bfloat16"
-  if args.workers is None and not custom_config:
+  if args.workers is None and not args.custom_config:
     args.workers = 0
 
   device = jax.devices()[0]

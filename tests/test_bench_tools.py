@@ -87,3 +87,46 @@ def test_bench_step_rejects_a_misspelt_config_key(capsys):
     bench_step.main(["--config.batch_sise=2"])
   assert exit_info.value.code == 2
   assert "did you mean config.batch_size" in capsys.readouterr().err
+
+
+# A compiled GPU program in miniature, in the text form XLA prints (bench/gpu_aot.py reads it).
+_GPU_HLO = """HloModule jit_step
+
+%fused_add (p0: bf16[64,32], p1: bf16[32]) -> bf16[64,32] {
+  %p0 = bf16[64,32]{1,0} parameter(0)
+  %p1 = bf16[32]{0} parameter(1)
+  %broadcast = bf16[64,32]{1,0} broadcast(%p1), dimensions={1}
+  ROOT %add = bf16[64,32]{1,0} add(%p0, %broadcast)
+}
+
+ENTRY %main (x: bf16[64,16], w: bf16[16,32], b: bf16[32]) -> bf16[64,32] {
+  %x = bf16[64,16]{1,0} parameter(0)
+  %w = bf16[16,32]{1,0} parameter(1)
+  %b = bf16[32]{0} parameter(2)
+  %cublas-lt-matmul.1 = (bf16[64,32]{1,0}, s8[4194304]{0}) custom-call(%x, %w), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(train_step)/blocks_3/dense/dot_general"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  %get-tuple-element.1 = bf16[64,32]{1,0} get-tuple-element(%cublas-lt-matmul.1), index=0
+  %loop_add_fusion = bf16[64,32]{1,0} fusion(%get-tuple-element.1, %b), kind=kLoop, calls=%fused_add, metadata={op_name="jit(train_step)/blocks_3/add"}
+  ROOT %copy.1 = bf16[64,32]{1,0} copy(%loop_add_fusion)
+}
+"""
+
+
+def test_gpu_aot_reads_kernels_bytes_and_gemm_flops():
+  import gpu_aot  # pylint: disable=g-import-not-at-top
+  found = gpu_aot.kernels(_GPU_HLO)
+  assert [(k.kind, k.bytes, k.flops) for k in found] == [
+      # x (64x16) + w (16x32) read, the 64x32 result written (not cuBLAS's workspace)
+      ("gemm", 2 * (64 * 16 + 16 * 32 + 64 * 32), 2.0 * 64 * 32 * 16),
+      ("fusion:kLoop", 2 * (64 * 32 + 32 + 64 * 32), 0.0),
+      ("copy", 2 * (64 * 32 + 64 * 32), 0.0)]
+  assert found[1].op_name == "jit(train_step)/blocks_3/add"
+  assert gpu_aot._op_group(found[1].op_name) == "blocks_N/add"  # pylint: disable=protected-access
+  assert gpu_aot.shape_bytes("(f32[2,3]{1,0}, pred[4]{0}, s32[])") == 24 + 4 + 4
+  gpu = gpu_aot.GPUS["H100"]
+  gemm, fusion, _ = found
+  # the GEMM is bound by its math, the fusion by its traffic; each pays the launch once
+  assert gpu_aot.estimate_seconds(gemm, gpu, 0.5, 1e12, 1e-6) == pytest.approx(
+      max(gemm.flops / (0.5 * gpu.peak_flops), gemm.bytes / 1e12) + 1e-6)
+  assert gpu_aot.estimate_seconds(fusion, gpu, 0.5, 1e9, 0.0) == pytest.approx(fusion.bytes / 1e9)
+  with pytest.raises(ValueError, match="ENTRY"):
+    gpu_aot.kernels("HloModule empty\n")

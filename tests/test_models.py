@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import special
 
 from cim_jax import config_defaults
 from cim_jax.models import cim, decoder as decoder_lib, vit
@@ -222,6 +223,80 @@ def test_gelu_form_is_exact_by_default_and_tanh_on_request():
   np.testing.assert_allclose(
       erf_out, exact_gelu(hidden) @ params["params"]["fc2"]["kernel"], atol=1e-5)
   assert 0 < float(jnp.abs(erf_out - tanh_out).max()) < 1e-2  # different forms, close values
+
+
+def test_split_dense_has_dense_parameters_and_outputs():
+  """SplitDense (q, k, v from separate matmuls) keeps nn.Dense's parameters: same tree, same init
+  values from the same rng (checkpoints, timm interop), same outputs split into blocks."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 8)), jnp.float32)
+  dense = nn.Dense(3 * 6, kernel_init=vit.dense_init)
+  split = vit.SplitDense(6, 3)
+  params = dense.init(jax.random.key(4), x)
+  split_params = split.init(jax.random.key(4), x)
+  assert jax.tree.structure(split_params) == jax.tree.structure(params)
+  for got, want in zip(jax.tree.leaves(split_params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(got, want)
+  params = _randomize(params)  # a non-zero bias too
+  parts = split.apply(params, x)
+  assert [p.shape for p in parts] == [(2, 5, 6)] * 3
+  np.testing.assert_allclose(jnp.concatenate(parts, -1), dense.apply(params, x), atol=1e-6)
+
+
+def test_cudnn_path_gives_the_kernel_even_lengths_and_changes_nothing(monkeypatch):
+  """model.attention_impl=cudnn pads CIM's odd sequences (here 17 context, 5 exemplar tokens)
+  before the attention projections, so the kernel only sees even lengths (cuDNN has no backward
+  for odd ones); loss and every gradient equal the unpadded model's. No GPU here: the kernel is
+  swapped for XLA's, so what is checked is the padding, the key mask and the slicing."""
+  seen = []
+  original = jax.nn.dot_product_attention
+
+  def kernel(q, k, v, *args, implementation=None, **kwargs):
+    if implementation == "cudnn":
+      seen.append((q.shape[1], k.shape[1]))
+      implementation = None
+    return original(q, k, v, *args, implementation=implementation, **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", kernel)
+  batch = _small_batch()
+  xla_model, _ = _small_model(attention_impl="xla")
+  cudnn_model, _ = _small_model(attention_impl="cudnn")
+  params = _randomize(xla_model.init(jax.random.key(0), batch))
+  target = _randomize(xla_model.target_params_from(params), seed=2)
+
+  def loss_and_grads(model):
+    loss = lambda p: model.apply(p, target, {}, batch, train=True, rng=jax.random.key(1))[0]
+    return jax.value_and_grad(loss)(params)
+
+  (xla_loss, xla_grads), (cudnn_loss, cudnn_grads) = map(loss_and_grads, (xla_model, cudnn_model))
+  assert seen and all(q % 2 == 0 and k % 2 == 0 for q, k in seen), seen
+  assert {(18, 18), (6, 6), (18, 6)} <= set(seen)  # context, exemplar, cross attention
+  np.testing.assert_allclose(cudnn_loss, xla_loss, rtol=1e-6)
+  for path, got in jax.tree_util.tree_leaves_with_path(cudnn_grads):
+    want = xla_grads
+    for key in path:
+      want = want[key.key]
+    np.testing.assert_allclose(got, want, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 2e-6), (jnp.bfloat16, 1e-2)])
+def test_exact_gelu_equals_jax_gelu_with_its_derivative(dtype, rtol):
+  """exact_gelu (backward recomputed from x) gives jax.nn.gelu's values bit for bit and the
+  derivative Phi(x) + x phi(x), checked against float64 autodiff; bfloat16 at its precision."""
+  x = jnp.linspace(-6.0, 6.0, 1201).astype(dtype)
+  np.testing.assert_array_equal(vit.exact_gelu(x), jax.nn.gelu(x, approximate=False))
+  upstream = jnp.cos(x.astype(jnp.float32) * 3.0).astype(dtype)  # a non-constant cotangent
+  _, vjp = jax.vjp(vit.exact_gelu, x)
+  (grad,) = vjp(upstream)
+  assert grad.dtype == dtype
+  x64, up64 = np.asarray(x, np.float64), np.asarray(upstream, np.float64)
+  derivative = (0.5 * special.erfc(-x64 / np.sqrt(2.0))
+                + x64 * np.exp(-0.5 * x64**2) / np.sqrt(2.0 * np.pi))
+  np.testing.assert_allclose(np.asarray(grad, np.float64), up64 * derivative, rtol=rtol,
+                             atol=rtol * 0.1)
+  # Under jit / grad, as in the MLP: the cotangent is all ones, so the gradient is Phi + x phi.
+  total = jax.jit(jax.grad(lambda h: vit.exact_gelu(h).astype(jnp.float32).sum()))(x)
+  np.testing.assert_allclose(np.asarray(total, np.float64), derivative, rtol=rtol,
+                             atol=rtol * 0.1)
 
 
 def test_patch_embed_matmul_equals_conv_with_same_params():

@@ -8,8 +8,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from cim_jax.models.vit import LAYERNORM_EPSILON, Mlp, dense_init, multi_head_attention
-from cim_jax.models.vit import sincos_pos_embed, unstack_heads
+from cim_jax.models.vit import LAYERNORM_EPSILON, Mlp, SplitDense, dense_init, even_padding
+from cim_jax.models.vit import multi_head_attention, pad_tokens, sincos_pos_embed
 
 
 def align_corners_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -57,18 +57,21 @@ class CrossAttention(nn.Module):
   def __call__(self, context, exemplars):
     """context (B, Tq, D), exemplars (B, N, Tk, D) -> (B, N, Tq, D)."""
     batch, num_exemplars, exemplar_tokens, dim = exemplars.shape
+    context_tokens = context.shape[1]
     head_dim = dim // self.num_heads
+    context = pad_tokens(context, even_padding(context_tokens, self.attention_impl))
+    exemplars = pad_tokens(exemplars, even_padding(exemplar_tokens, self.attention_impl))
     dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=dense_init)
     # The query projection depends only on the context, so it is computed once per context and
     # broadcast over its N exemplars.
     q = dense(dim, name="q")(context).reshape(batch, 1, -1, self.num_heads, head_dim)
     q = jnp.broadcast_to(q, (batch, num_exemplars) + q.shape[2:])
-    kv = dense(2 * dim, name="kv")(exemplars)
-    kv = kv.reshape(batch * num_exemplars, exemplar_tokens, 2, self.num_heads, head_dim)
-    out = multi_head_attention(q.reshape((batch * num_exemplars,) + q.shape[2:]),
-                               *unstack_heads(kv, 2), self.attention_impl)
+    k, v = (t.reshape(batch * num_exemplars, -1, self.num_heads, head_dim)
+            for t in SplitDense(dim, 2, self.dtype, name="kv")(exemplars))
+    out = multi_head_attention(q.reshape((batch * num_exemplars,) + q.shape[2:]), k, v,
+                               self.attention_impl, num_keys=exemplar_tokens)
     out = out.reshape(batch, num_exemplars, -1, dim)
-    return dense(dim, name="proj")(out)
+    return dense(dim, name="proj")(out)[:, :, :context_tokens]
 
 
 class CrossBlock(nn.Module):

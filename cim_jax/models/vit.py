@@ -108,6 +108,33 @@ def resampled_pos_embed(dim: int, grid_hw: tuple[int, int], table_grid: int = 14
 dense_init = nn.initializers.xavier_uniform()
 
 
+@jax.custom_vjp
+def exact_gelu(x):
+  """The exact (erf) GELU, `jax.nn.gelu(x, approximate=False)`, whose backward pass keeps only x.
+
+  Autodiff of the erf form keeps a second full-size tensor from the forward pass for the
+  backward (the erfc term); here the derivative Phi(x) + x phi(x) is recomputed from x, which the
+  backward pass reads anyway. On the 4x-wide MLP hidden layer that is one activation-sized tensor
+  fewer written and read per MLP. Forward values are exactly `jax.nn.gelu`'s; the derivative is
+  evaluated in float32 (as PyTorch's GELU backward does for bfloat16 inputs).
+  """
+  return jax.nn.gelu(x, approximate=False)
+
+
+def _exact_gelu_forward(x):
+  return exact_gelu(x), x
+
+
+def _exact_gelu_backward(x, grad):
+  x32 = x.astype(jnp.float32)
+  cdf = 0.5 * jax.lax.erfc(-x32 * np.float32(np.sqrt(0.5)))
+  pdf = jnp.exp(-0.5 * x32 * x32) * np.float32(1.0 / np.sqrt(2.0 * np.pi))
+  return ((grad.astype(jnp.float32) * (cdf + x32 * pdf)).astype(grad.dtype),)
+
+
+exact_gelu.defvjp(_exact_gelu_forward, _exact_gelu_backward)
+
+
 class Mlp(nn.Module):
   """fc1 -> GELU -> fc2 (timm `Mlp`)."""
   hidden_dim: int
@@ -120,51 +147,91 @@ class Mlp(nn.Module):
   def __call__(self, x):
     out_dim = x.shape[-1]
     x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x)
-    x = nn.gelu(x, approximate=self.approximate_gelu)
+    x = nn.gelu(x, approximate=True) if self.approximate_gelu else exact_gelu(x)
     return nn.Dense(out_dim, dtype=self.dtype, kernel_init=dense_init, name="fc2")(x)
 
 
-def multi_head_attention(q, k, v, implementation: Optional[str] = None):
+def multi_head_attention(q, k, v, implementation: Optional[str] = None,
+                         num_keys: Optional[int] = None):
   """(B, T, H, d) queries against (B, S, H, d) keys/values through the fused-kernel entry point.
 
   implementation None lets JAX choose (XLA today); 'cudnn' asks for cuDNN's fused kernel on
   NVIDIA GPUs (bfloat16 / float16 only), with odd lengths padded (see `even_length_attention`).
+  num_keys: only the first num_keys keys are real, the rest is padding (masked).
   """
   if implementation == "cudnn":
-    return even_length_attention(q, k, v, implementation)
-  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    return even_length_attention(q, k, v, implementation, num_keys)
+  return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=_key_lengths(k, num_keys),
+                                      implementation=implementation)
 
 
-def even_length_attention(q, k, v, implementation: Optional[str] = None):
+def _key_lengths(k, num_keys: Optional[int]):
+  """key_value_seq_lengths masking the keys beyond num_keys (None: all keys are real)."""
+  if num_keys is None or num_keys == k.shape[1]:
+    return None
+  return jnp.full((k.shape[0],), num_keys, jnp.int32)
+
+
+def even_length_attention(q, k, v, implementation: Optional[str] = None,
+                          num_keys: Optional[int] = None):
   """`jax.nn.dot_product_attention` on even sequence lengths, exactly equal to the unpadded one.
 
   cuDNN's fused kernel has no backward pass for odd lengths, and CIM's are odd (1 cls + a square
   grid: 17 exemplar, 101 context tokens). An odd query gets one zero row, sliced off the output
   (so it receives no gradient); odd keys/values get one zero key that the kernel's own padding
   mask (key_value_seq_lengths) hides, so every real query attends to exactly its real keys.
+  Inputs already padded by the caller (see `even_padding`) pass num_keys, the real key count.
   """
-  batch, queries = q.shape[:2]
-  keys = k.shape[1]
-  if queries % 2:
-    q = jnp.pad(q, ((0, 0), (0, 1), (0, 0), (0, 0)))
-  key_value_seq_lengths = None
-  if keys % 2:
-    k = jnp.pad(k, ((0, 0), (0, 1), (0, 0), (0, 0)))
-    v = jnp.pad(v, ((0, 0), (0, 1), (0, 0), (0, 0)))
-    key_value_seq_lengths = jnp.full((batch,), keys, jnp.int32)
-  out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=key_value_seq_lengths,
+  queries = q.shape[1]
+  num_keys = k.shape[1] if num_keys is None else num_keys
+  q = pad_tokens(q, q.shape[1] % 2, axis=1)
+  k, v = (pad_tokens(t, k.shape[1] % 2, axis=1) for t in (k, v))
+  out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=_key_lengths(k, num_keys),
                                      implementation=implementation)
   return out[:, :queries]
 
 
-def unstack_heads(packed, count: int):
-  """(B, T, count, H, d) -> `count` arrays (B, T, H, d).
+def even_padding(tokens: int, implementation: Optional[str]) -> int:
+  """Rows to append to a `tokens`-long sequence before its attention projections: 1 where the
+  kernel needs even lengths (cuDNN) and `tokens` is odd, else 0.
 
-  A split, not `packed[:, :, i]` indexing: the gradient of a split is one concatenation, that of
-  `count` index slices is `count` zero-padded full-size tensors summed (4% more bytes moved in
-  a CPU ViT-Ti step).
+  Padding the projections' input, not q, k and v, lets them leave their matmuls already padded
+  (padding each afterwards is a copy); the extra key is masked, the extra output row dropped.
   """
-  return [part.squeeze(2) for part in jnp.split(packed, count, axis=2)]
+  return tokens % 2 if implementation == "cudnn" else 0
+
+
+def pad_tokens(x, count: int, axis: int = -2):
+  """x with `count` zero rows appended along `axis` (the token axis)."""
+  if not count:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, count)
+  return jnp.pad(x, widths)
+
+
+class SplitDense(nn.Module):
+  """nn.Dense(parts * features) computed as `parts` matmuls, one per block of output columns.
+
+  The parameters are nn.Dense's (names, shapes, init), so checkpoints and timm interop see one
+  packed layer (timm's `qkv`); the outputs are `parts` separate (..., features) arrays. Each
+  leaves its own matmul contiguous, where slicing one packed output copies it forward and
+  concatenates the gradients backward (in a ViT-B/16 CIM step compiled for an H100, the packed
+  form moved ~14 GB more per step: bench/gpu_aot.py).
+  """
+  features: int
+  parts: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", dense_init, (x.shape[-1], self.parts * self.features),
+                        jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.parts * self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    contract_last = (((x.ndim - 1,), (0,)), ((), ()))
+    return [jax.lax.dot_general(x, w, contract_last) + b
+            for w, b in zip(jnp.split(kernel, self.parts, axis=1), jnp.split(bias, self.parts))]
 
 
 class SelfAttention(nn.Module):
@@ -176,11 +243,13 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x):
     batch, tokens, width = x.shape
-    qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=dense_init, name="qkv")(x)
-    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, width // self.num_heads)
-    out = multi_head_attention(*unstack_heads(qkv, 3), self.attention_impl)
-    out = out.reshape(batch, tokens, width)
-    return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="proj")(out)
+    x = pad_tokens(x, even_padding(tokens, self.attention_impl))
+    heads = lambda t: t.reshape(batch, t.shape[1], self.num_heads, width // self.num_heads)
+    q, k, v = (heads(t) for t in SplitDense(width, 3, self.dtype, name="qkv")(x))
+    out = multi_head_attention(q, k, v, self.attention_impl, num_keys=tokens)
+    out = nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="proj")(
+        out.reshape(batch, -1, width))
+    return out[:, :tokens]
 
 
 class DropPath(nn.Module):
