@@ -2,11 +2,13 @@
 
   JAX_PLATFORMS=cpu python bench/gpu_aot.py --cases=B/16:512 --attention_impl=xla,cudnn
   JAX_PLATFORMS=cpu python bench/gpu_aot.py --gpu=H200 --largest_batch --cases=B/16:512
-  JAX_PLATFORMS=cpu python bench/gpu_aot.py --config=configs/cim_vit_base.py --config.model.gelu_approximate=true --top=20
+  JAX_PLATFORMS=cpu python bench/gpu_aot.py --cases=B/16:512 --dtype=bfloat16 \
+      --attention_impl=cudnn --config.model.gelu_approximate=true --top=20
 
 Needs JAX's CUDA plugin for the installed jax (no GPU, no driver): in a separate virtualenv,
 `pip install jax-cuda13-plugin==$JAXVER jax-cuda13-pjrt==$JAXVER --no-deps` next to the project's
-requirements and the NVIDIA wheels they pull (cuBLAS / cuDNN), see docs/BENCHMARKS.md.
+test requirements and the NVIDIA wheels their torch pulls (cuBLAS / cuDNN), see
+docs/BENCHMARKS.md.
 JAX_PLATFORMS=cpu keeps the plugin from looking for a device; the step is then compiled
 "deviceless" for a described target (`--gpu`: compute capability, SMs, memory, bandwidth).
 
@@ -16,11 +18,11 @@ What it prints per case, all read off the program XLA compiled for that GPU:
 - the kernels the step launches, by kind (cuBLAS GEMMs, cuDNN attention, XLA's loop / reduction
   fusions, copies), with the bytes each moves and the GEMMs' FLOPs;
 - a roofline estimate of the step time: each kernel takes max(FLOPs / (peak x --gemm_efficiency),
-  bytes / --bandwidth) + --launch_us, summed (no overlap), and the MFU that time would give with
-  bench_step.py's FLOP count. It is an estimate, not a measurement: it ignores caches, autotuning
+  bytes / (bandwidth x --bandwidth_efficiency)) + --launch_us, summed (no overlap), and the MFU
+  that time would give with bench_step.py's FLOP count. It is an estimate, not a measurement: it ignores caches, autotuning
   (GEMMs are compiled without it, so all go to cuBLAS; Triton GEMM tiling needs autotuning) and
-  kernel overlap. Against the one lent H100 (XLA attention, ViT-B/16 bf16): 0.1317 s estimated
-  vs 0.1387 s measured at batch 512, 0.2583 vs 0.2820 at 1024 (5-9% under).
+  kernel overlap. Against the one lent H100 (XLA attention, ViT-B/16 bf16): 0.1313 s estimated
+  vs 0.1387 s measured at batch 512, 0.2576 vs 0.2820 at 1024 (5-9% under).
 Only one device (the MFU target is per GPU). The case/config flags are those of bench_step.py.
 """
 
