@@ -21,8 +21,8 @@ What it prints per case, all read off the program XLA compiled for that GPU:
   bytes / (bandwidth x --bandwidth_efficiency)) + --launch_us, summed (no overlap), and the MFU
   that time would give with bench_step.py's FLOP count. It is an estimate, not a measurement: it ignores caches, autotuning
   (GEMMs are compiled without it, so all go to cuBLAS; Triton GEMM tiling needs autotuning) and
-  kernel overlap. Against the one lent H100 (XLA attention, ViT-B/16 bf16): 0.1313 s estimated
-  vs 0.1387 s measured at batch 512, 0.2576 vs 0.2820 at 1024 (5-9% under).
+  kernel overlap. Against the one lent H100 (XLA attention, ViT-B/16 bf16, the code of 247926d):
+  0.1317 s estimated vs 0.1387 s measured at batch 512, 0.2584 vs 0.2820 at 1024 (5-9% under).
 Only one device (the MFU target is per GPU). The case/config flags are those of bench_step.py.
 """
 
