@@ -84,17 +84,38 @@ def add_case_arguments(parser, default_cases: str, default_dtype: str):
                            f"config's own)")
 
 
-def parse_case_arguments(parser, argv):
+def parse_case_arguments(parser, argv, default_cases: str, default_dtype: str):
   """(args, config_args): the flags, with the `--config.key=value` overrides taken apart;
-  args.base_config is the config they describe, args.custom_config whether one was given."""
+  args.base_config is the config they describe, args.custom_config whether one was given.
+  Without a config, --cases / --dtype default to the given ones; with one, to the config's."""
   args, rest = parser.parse_known_args(argv)
   config_args = [a for a in rest if a.startswith("--config.") and "=" in a]
   if len(config_args) != len(rest):
     parser.error(f"unrecognized arguments: {' '.join(a for a in rest if a not in config_args)}")
   args.custom_config = bool(args.config or config_args)
+  if args.cases is None:
+    args.cases = "" if args.custom_config else default_cases
+  if args.dtype is None and not args.custom_config:
+    args.dtype = default_dtype
   args.base_config = load_base_config(
       ([f"--config={args.config}"] if args.config else []) + config_args)
   return args, config_args
+
+
+def parse_cases(cases: str) -> list[tuple[str, int]]:
+  """'B/16:512,L/16:64' -> [('B/16', 512), ('L/16', 64)]; '' -> [('', 0)]: the config's own."""
+  if not cases:
+    return [("", 0)]
+  pairs = [case.split(":") for case in cases.split(",")]
+  if any(len(pair) != 2 or not pair[1].isdigit() for pair in pairs):
+    raise ValueError(f"--cases={cases!r}: expected comma-separated VARIANT:GLOBAL_BATCH")
+  return [(variant, int(batch)) for variant, batch in pairs]
+
+
+def case_label(config, with_attention: bool) -> str:
+  """'B/16 b512' (+ ' cudnn' when attention kernels are compared)."""
+  label = f"{config.model.variant} b{config.batch_size}"
+  return label + (f" {config.model.attention_impl}" if with_attention else "")
 
 
 def bench_config(variant: str, batch: int, args, attention_impl: str = ""):
@@ -291,11 +312,9 @@ def main(argv=None):
                       help="with --max_batch: stop doubling at this batch (0: no cap)")
   parser.add_argument("--profile", default="",
                       help="write a jax.profiler (perfetto) trace of a few device-batch steps here")
-  args, config_args = parse_case_arguments(parser, argv)
-  if args.cases is None:
-    args.cases = ("" if args.custom_config else "Ti/16:32,B/16:8" if on_cpu else "B/16:256")
-  if args.dtype is None and not args.custom_config:
-    args.dtype = "float32" if on_cpu else "bfloat16"
+  args, config_args = parse_case_arguments(
+      parser, argv, default_cases="Ti/16:32,B/16:8" if on_cpu else "B/16:256",
+      default_dtype="float32" if on_cpu else "bfloat16")
   if args.workers is None and not args.custom_config:
     args.workers = 0
 
@@ -317,12 +336,14 @@ def main(argv=None):
     if impl not in ("", "xla", "cudnn"):
       parser.error(f"--attention_impl: unknown kernel {impl!r}; expected xla or cudnn")
   print_header()
-  cases = [c.split(":") for c in args.cases.split(",")] if args.cases else [("", "0")]
+  try:
+    cases = parse_cases(args.cases)
+  except ValueError as e:
+    parser.error(str(e))
   for variant, batch in cases:
     for impl in impls:
-      config = bench_config(variant, int(batch), args, impl)
-      label = (f"{config.model.variant} b{config.batch_size}"
-               + (f" {config.model.attention_impl}" if impl else ""))
+      config = bench_config(variant, batch, args, impl)
+      label = case_label(config, with_attention=bool(impl))
       unsupported = unsupported_reason(config.model.attention_impl, config.model.dtype)
       if unsupported:
         print(f"{label:<{CASE_WIDTH}}n/a ({unsupported})", flush=True)
@@ -386,8 +407,7 @@ def bench_case(variant, batch, args, attention_impl: str = ""):
       torch_t.append(torch_model.run(args.steps))
       time.sleep(args.settle)  # let torch's OpenMP threads stop spinning before we time ours
   t_ours = statistics.median(ours_t)
-  label = f"{config.model.variant} b{batch}" + (f" {attention_impl}" if attention_impl else "")
-  row = dict(case=label, ours=t_ours, sps=batch / t_ours,
+  row = dict(case=case_label(config, with_attention=bool(attention_impl)), ours=t_ours, sps=batch / t_ours,
              mfu=ours.flops / t_ours / (args.peak * jax.device_count()),
              mfu_matmul=ours.matmul_flops / t_ours / (args.peak * jax.device_count()),
              compile=ours.compile_seconds)

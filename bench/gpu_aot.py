@@ -317,25 +317,25 @@ def main(argv=None):
   parser.add_argument("--bandwidth_efficiency", type=float, default=0.9,
                       help="fraction of the datasheet memory bandwidth in the estimate")
   parser.add_argument("--launch_us", type=float, default=2.0, help="per-kernel overhead, us")
-  args, _ = bench_step.parse_case_arguments(parser, argv)
-  if args.cases is None:
-    args.cases = "" if args.custom_config else "B/16:512"
-  if args.dtype is None and not args.custom_config:
-    args.dtype = "bfloat16"
+  args, _ = bench_step.parse_case_arguments(parser, argv, default_cases="B/16:512",
+                                            default_dtype="bfloat16")
   args.fsdp, args.workers = None, None  # one device; no input pipeline here
   gpu = GPUS[args.gpu]
   print(f"jax {jax.__version__}; compiling for {gpu.name} (no device needed), XLA_FLAGS="
         f"{os.environ.get('XLA_FLAGS', '')!r}; estimate: GEMMs at {args.gemm_efficiency:.0%} of "
         f"{gpu.peak_flops / 1e12:.0f} TFLOP/s, memory at {args.bandwidth_efficiency:.0%} of "
         f"{gpu.bandwidth / 1e12:.2f} TB/s, {args.launch_us:g} us per kernel, no overlap")
-  cases = [c.split(":") for c in args.cases.split(",")] if args.cases else [("", "0")]
+  try:
+    cases = bench_step.parse_cases(args.cases)
+  except ValueError as e:
+    parser.error(str(e))
   for variant, batch in cases:
     for impl in args.attention_impl.split(","):
       if impl not in ("xla", "cudnn"):
         parser.error(f"--attention_impl: unknown kernel {impl!r}; expected xla or cudnn")
-      config = bench_step.bench_config(variant, int(batch), args, impl)
+      config = bench_step.bench_config(variant, batch, args, impl)
       while True:
-        label = f"{config.model.variant} b{config.batch_size} {impl} {config.model.dtype}"
+        label = f"{bench_step.case_label(config, with_attention=True)} {config.model.dtype}"
         needed = report(label, config, GPUS[args.gpu], args)
         if not args.largest_batch or needed > gpu.memory_bytes:
           break

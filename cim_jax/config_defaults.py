@@ -76,8 +76,8 @@ def model_config(variant: str = "B/16") -> ml_collections.ConfigDict:
   # jax.nn.dot_product_attention implementation: "" (JAX's choice, XLA), "xla", or "cudnn"
   # (fused kernel on NVIDIA GPUs, bfloat16/float16 compute only).
   m.attention_impl = ""
-  # GELU of every MLP: False = exact erf form (timm, the authors); True = tanh form, which GPU
-  # compilers can fuse with the bias into the matmul epilogue (a speed option, not the recipe).
+  # GELU of every MLP: False = exact erf form (timm, the authors); True = tanh form (not the
+  # recipe; estimated no faster on an H100, see vit.Mlp and docs/BENCHMARKS.md).
   m.gelu_approximate = False
   m.decoder_dim = 512
   m.decoder_heads = 16

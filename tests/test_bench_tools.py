@@ -89,6 +89,15 @@ def test_bench_step_rejects_a_misspelt_config_key(capsys):
   assert "did you mean config.batch_size" in capsys.readouterr().err
 
 
+def test_bench_cases_flag(capsys):
+  assert bench_step.parse_cases("B/16:512,L/16:64") == [("B/16", 512), ("L/16", 64)]
+  assert bench_step.parse_cases("") == [("", 0)]  # the config's own variant and batch
+  with pytest.raises(SystemExit) as exit_info:
+    bench_step.main(["--cases=B/16"])
+  assert exit_info.value.code == 2
+  assert "--cases='B/16': expected comma-separated VARIANT:GLOBAL_BATCH" in capsys.readouterr().err
+
+
 # A compiled GPU program in miniature, in the text form XLA prints (bench/gpu_aot.py reads it).
 _GPU_HLO = """HloModule jit_step
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from cim_jax import config_defaults
-from cim_jax.evaluate import augment, finetune, finetune_lib
+from cim_jax.data import sources
+from cim_jax.evaluate import augment, common, finetune, finetune_lib
 
 DEPTH = 2
 
@@ -52,7 +53,7 @@ def tiny_labelled_subset(monkeypatch, num=16):
   keep = np.flatnonzero(digits.target < 4)[:num]
   images = np.repeat((digits.images[keep] * 15.9).astype(np.uint8)[..., None], 3, axis=-1)
   images = np.stack([np.kron(im, np.ones((2, 2, 1), np.uint8)) for im in images])  # 16x16
-  source = finetune.LabelledImages(images, digits.target[keep])
+  source = common.LabelledRecords(common.Labelled(images, digits.target[keep].astype(np.int32), 4))
   monkeypatch.setattr(finetune, "labelled_sources", lambda config: (source, source, 4))
   return source
 
@@ -188,8 +189,8 @@ def test_checkpoint_of_another_variant_or_head(tmp_path, monkeypatch, tiny_class
   with pytest.raises(ValueError, match=r"holds a fine-tuned Ti/16 but model.variant='S/16'"):
     finetune.finetune(other, str(tmp_path))
   monkeypatch.setattr(finetune, "labelled_sources",
-                      lambda c: (finetune.LabelledImages(np.zeros((2, 16, 16, 3), np.uint8),
-                                                         np.array([0, 6])),) * 2 + (7,))
+                      lambda c: (common.LabelledRecords(common.Labelled(
+                          np.zeros((2, 16, 16, 3), np.uint8), np.array([0, 6]), 7)),) * 2 + (7,))
   with pytest.raises(ValueError, match="head of 4 classes but the labelled data has 7"):
     finetune.finetune(tiny_config(steps=1), str(tmp_path))
 
@@ -204,6 +205,11 @@ def test_pretraining_workdir_is_not_resumed(tmp_path):
 
 def test_label_set_differs_from_configured_head():
   config = tiny_config()
+  train, test, num_classes = finetune.labelled_sources(config)  # embedded digits, 80/20
+  images, labels = sources.embedded_labelled("digits", "test", image_size=config.data.image_size)
+  assert (len(train), len(test), num_classes) == (1438, 359, 10)
+  np.testing.assert_array_equal(test[7]["image"], images[7])
+  assert test[7]["label"] == labels[7]
   config.data.num_classes = 5
   with pytest.raises(ValueError, match=r"has 10 classes but the head has .*num_classes=5"):
     finetune.labelled_sources(config)

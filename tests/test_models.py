@@ -281,7 +281,8 @@ def test_cudnn_path_gives_the_kernel_even_lengths_and_changes_nothing(monkeypatc
 @pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 2e-6), (jnp.bfloat16, 1e-2)])
 def test_exact_gelu_equals_jax_gelu_with_its_derivative(dtype, rtol):
   """exact_gelu (backward recomputed from x) gives jax.nn.gelu's values bit for bit and the
-  derivative Phi(x) + x phi(x), checked against float64 autodiff; bfloat16 at its precision."""
+  derivative Phi(x) + x phi(x), checked against that formula in float64 (scipy); bfloat16 at
+  its precision."""
   x = jnp.linspace(-6.0, 6.0, 1201).astype(dtype)
   np.testing.assert_array_equal(vit.exact_gelu(x), jax.nn.gelu(x, approximate=False))
   upstream = jnp.cos(x.astype(jnp.float32) * 3.0).astype(dtype)  # a non-constant cotangent

@@ -23,36 +23,22 @@ from cim_jax.train import checkpoint as checkpoint_lib
 from cim_jax.train import schedules
 
 
-class LabelledImages:
-  """Random-access (image uint8 (H, W, 3), label) records of in-memory arrays."""
-
-  def __init__(self, images, labels: np.ndarray, classes: tuple[str, ...] = ()):
-    self.images, self.labels, self.classes = images, np.asarray(labels, np.int32), classes
-
-  def __len__(self) -> int:
-    return len(self.labels)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    image = self.images[int(index)]
-    if not isinstance(image, np.ndarray):
-      from cim_jax.data import sources
-      image = sources.load_image(image)
-    return {"image": image, "label": self.labels[int(index)]}
-
-
-def labelled_sources(config) -> tuple[Any, Any, int]:
+def labelled_sources(config) -> tuple[common.LabelledRecords, common.LabelledRecords, int]:
   """(train, eval, num_classes) of `config.data`; checks the head's class count.
 
-  'embedded' gives in-memory `LabelledImages`; 'imagefolder' and 'tfds' give
-  `common.LabelledRecords` that read one image per record (the kNN / linear-probe sources).
+  All three are `common.LabelledRecords` (the kNN / linear-probe sources): 'embedded' over
+  in-memory arrays, 'imagefolder' and 'tfds' reading one image per record.
   """
   d = config.data
   from cim_jax.data import sources
   if d.source == "embedded":
-    splits = [sources.embedded_labelled(d.labelled_source, s, image_size=d.image_size)
-              for s in ("train", "test")]
-    train, test = (LabelledImages(*split) for split in splits)
-    found = int(max(train.labels.max(), test.labels.max())) + 1
+    names = ("train", "test")
+    splits = [common.as_labelled(sources.embedded_labelled(d.labelled_source, name,
+                                                           image_size=d.image_size))
+              for name in names]
+    found = max(split.num_classes for split in splits)
+    train, test = (common.LabelledRecords(split, found, description=f"{d.labelled_source}/{name}")
+                   for split, name in zip(splits, names))
   elif d.source in ("imagefolder", "tfds"):
     if d.source == "imagefolder":
       train, test = common.imagefolder_splits(d.root, d.eval_root,
@@ -82,7 +68,7 @@ class _TrainMap(grain.transforms.RandomMap):
     return {"image": self.augmentation(record["image"], rng), "label": record["label"]}
 
 
-def train_dataset(config, source: LabelledImages) -> grain.IterDataset:
+def train_dataset(config, source: common.LabelledRecords) -> grain.IterDataset:
   """Shuffled, repeated, augmented batches of this process's share of the global batch."""
   d = config.data
   augmentation = augment.TrainAugment(
@@ -99,7 +85,7 @@ def train_dataset(config, source: LabelledImages) -> grain.IterDataset:
   return ds
 
 
-def evaluate(eval_fn, params, source: LabelledImages, config) -> dict[str, float]:
+def evaluate(eval_fn, params, source: common.LabelledRecords, config) -> dict[str, float]:
   """Top-1 / top-5 (percent) over the whole evaluation set, centre-cropped."""
   d = config.data
   ds = common.eval_batches(source, d.image_size, d.eval_batch_size, d.eval_crop_pct,

@@ -139,8 +139,9 @@ class Mlp(nn.Module):
   """fc1 -> GELU -> fc2 (timm `Mlp`)."""
   hidden_dim: int
   dtype: Any = jnp.float32
-  # False: exact erf GELU, as timm's nn.GELU and the authors. True: the tanh form, which GPU
-  # compilers can fuse with fc1's bias into the matmul epilogue (a speed option, not the recipe).
+  # False: exact erf GELU, as timm's nn.GELU and the authors. True: the tanh form, not the recipe;
+  # GPU compilers fuse it into fc1's matmul epilogue, but with `exact_gelu`'s lighter backward the
+  # CIM step is estimated no faster with it (docs/BENCHMARKS.md).
   approximate_gelu: bool = False
 
   @nn.compact
@@ -334,7 +335,7 @@ class VisionTransformer(nn.Module):
   num_classes: int = 0  # 0 = no classification head
   attention_impl: Optional[str] = None  # None: JAX's choice (XLA); 'cudnn': fused GPU kernel
   keep_block_outputs: bool = False  # intermediates['blocks']: every block's output tokens
-  approximate_gelu: bool = False  # tanh GELU (a GPU speed option); False: exact, as timm
+  approximate_gelu: bool = False  # tanh GELU (not the recipe, see Mlp); False: exact, as timm
 
   @nn.compact
   def __call__(self, images, *, cls_token=None, train: bool = False):
