@@ -11,7 +11,10 @@ torch is needed only here (and in tests); it is imported lazily, and checkpoints
 """
 
 import argparse
+import logging
 import os
+import pickle
+import re
 from typing import Optional
 
 import jax
@@ -167,8 +170,17 @@ def _expected_shapes(model) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Reading checkpoints.
 
+# The one non-container global a release checkpoint holds (its util/misc.py save_model writes
+# {'model', 'optimizer', 'epoch', 'scaler', 'args'}, args being the run's argparse.Namespace). It
+# is allowed by name; anything else a pickle asks for is still refused by weights_only loading.
+_RELEASE_CHECKPOINT_GLOBALS = (argparse.Namespace,)
+# Entries of a release checkpoint beside 'model': resume state of the authors' trainer.
+_RELEASE_RESUME_KEYS = ("optimizer", "epoch", "scaler", "args")
+
+
 def load_torch_state_dict(path: str) -> dict:
-  """A .pth/.pt ({'model': state_dict} or a bare state dict) or .safetensors file -> numpy dict."""
+  """A .pth/.pt (a release checkpoint, {'model': state_dict} or a bare state dict) or
+  .safetensors file -> numpy dict."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint not found: {path}")
   if path.endswith(".safetensors"):
@@ -176,14 +188,28 @@ def load_torch_state_dict(path: str) -> dict:
     return dict(load_file(path))
   torch = _require_torch()
   # weights_only=True: the restricted unpickler, which refuses to run arbitrary pickled code.
-  checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+  with torch.serialization.safe_globals(list(_RELEASE_CHECKPOINT_GLOBALS)):
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
   state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
   if not isinstance(state, dict):
     raise ValueError(f"{path}: expected a state dict or {{'model': state_dict}}")
+  ignored = [k for k in _RELEASE_RESUME_KEYS if state is not checkpoint and k in checkpoint]
+  if ignored:
+    logging.info("%s: using 'model'; ignoring the authors' resume state (%s)", path,
+                 ", ".join(ignored))
   if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
     state = {k[len("module."):]: v for k, v in state.items()}
   return {k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
           for k, v in state.items()}
+
+
+def _first_line(error: Exception) -> str:
+  """One line for a loading error; for a refused pickle, the global it asked for."""
+  refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+  if refused:
+    return (f"refused to unpickle {refused.group(1)} (only tensors, containers and "
+            "argparse.Namespace are loaded; pickled code never runs)")
+  return str(error).strip().splitlines()[0]
 
 
 def _convert_mapped(state_dict, key_map, expected) -> tuple[dict, list[str]]:
@@ -352,11 +378,18 @@ def main(argv: Optional[list] = None):
     p.add_argument("--context-size", type=int, default=160)
     p.add_argument("--exemplar-size", type=int, default=64)
   args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
   model = _build_model(args.variant, args.global_loss, args.context_size, args.exemplar_size)
 
   if args.command == "import" or args.checkpoint:
-    params, target_params, model_state = import_authors_state_dict(
-        load_torch_state_dict(args.checkpoint), model)
+    try:
+      state_dict = load_torch_state_dict(args.checkpoint)
+    except (FileNotFoundError, ValueError, pickle.UnpicklingError) as e:
+      message = _first_line(e)
+      if args.checkpoint not in message:
+        message = f"{args.checkpoint}: {message}"
+      parser.exit(2, f"error: {message}\n")
+    params, target_params, model_state = import_authors_state_dict(state_dict, model)
   elif args.workdir:
     from cim_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
     restored = checkpoint.load_warm_start(

@@ -1,6 +1,8 @@
 """Import of the authors' checkpoints, export to timm, round trips, safe loading, the command."""
 
+import argparse
 import functools
+import logging
 import math
 import pickle
 
@@ -251,12 +253,54 @@ def test_mismatched_checkpoint_lists_every_problem():
     assert expected in message
 
 
+def _save_like_release(state_dict, path, **extra):
+  """torch.save of what the release's util/misc.py save_model writes: the model's state dict,
+  an AdamW state after one step, the epoch, the (unused) loss scaler and the run's Namespace."""
+  tensors = [v.clone().requires_grad_(True) for v in state_dict.values() if v.is_floating_point()]
+  optimizer = torch.optim.AdamW(tensors, lr=1e-3, betas=(0.9, 0.95))
+  for t in tensors:
+    t.grad = torch.ones_like(t)
+  optimizer.step()
+  args = argparse.Namespace(gear="cim", model="vit_tiny_patch16", batch_size=256, accum_iter=2,
+                            FP16=True, amp=False, clip_grad=1.0, lr=None, blr=1.5e-4,
+                            output_dir="exps/cim", resume="", distributed=True, gpu=0,
+                            dist_url="env://", **extra)
+  torch.save({"model": state_dict, "optimizer": optimizer.state_dict(), "epoch": 299,
+              "scaler": None, "args": args}, path)
+
+
+def test_release_checkpoint_imports_safely(tmp_path, caplog):
+  """A file written like the release's save_model: plain weights_only loading refuses it (the
+  Namespace), our loader reads it, ignores the resume state with one log line, and the imported
+  model reproduces the authors' correlation logits."""
+  sd = _authors_state_dict(global_loss=True, seed=5)
+  path = str(tmp_path / "checkpoint-299.pth")
+  _save_like_release(sd, path)
+  with pytest.raises(pickle.UnpicklingError, match="argparse.Namespace"):
+    torch.load(path, map_location="cpu", weights_only=True)
+  with caplog.at_level(logging.INFO):
+    loaded = interop.load_torch_state_dict(path)
+  lines = [r.getMessage() for r in caplog.records if "resume state" in r.getMessage()]
+  assert len(lines) == 1 and "optimizer, epoch, scaler, args" in lines[0]
+  assert set(loaded) == set(sd)
+  model = _model()
+  params, target, state = interop.import_authors_state_dict(loaded, model)
+  batch = _batch(seed=2)
+  _, aux = jax.jit(functools.partial(model.apply, train=False))(params, target, state, batch)
+  to_torch = lambda x: torch.from_numpy(np.asarray(cim.normalize_images(x))).permute(0, 3, 1, 2)
+  with torch.no_grad():
+    expected = _torch_correlation_logits(
+        sd, to_torch(batch["context"]),
+        [to_torch(batch["exemplars"][:, n]) for n in range(NUM)]).numpy()
+  np.testing.assert_allclose(aux["correlation_logits"], expected, atol=1e-5, rtol=0)
+
+
 class _Exploit:
   def __reduce__(self):
     return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
 
 
-def test_loader_never_runs_pickled_code(tmp_path, monkeypatch):
+def test_loader_never_runs_pickled_code(tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
   path = tmp_path / "evil.pth"
   torch.save({"model": {"cls_token": torch.zeros(1)}, "extra": _Exploit()}, path,
@@ -265,17 +309,30 @@ def test_loader_never_runs_pickled_code(tmp_path, monkeypatch):
   with pytest.raises(pickle.UnpicklingError):
     interop.load_torch_state_dict(str(path))
   assert not (tmp_path / "PWNED").exists()
+  # Allowing the release's Namespace opens nothing inside it: code hidden in args is refused too,
+  # and the command says so in one line (exit status 2).
+  hidden = str(tmp_path / "evil_args.pth")
+  _save_like_release({"cls_token": torch.zeros(1)}, hidden, note=_Exploit())
+  with pytest.raises(pickle.UnpicklingError):
+    interop.load_torch_state_dict(hidden)
+  with pytest.raises(SystemExit) as exit_info:
+    interop.main(["import", "--variant", "Ti/16", "--checkpoint", hidden,
+                  "--output", str(tmp_path / "out.msgpack")])
+  assert exit_info.value.code == 2
+  message = capsys.readouterr().err
+  assert message.startswith("error: ") and message.count("\n") == 1 and "unpickle exec " in message
+  assert not (tmp_path / "PWNED").exists() and not (tmp_path / "out.msgpack").exists()
 
 
 def test_command_import_then_export_to_timm(tmp_path):
-  """Ti/16 with the default decoder: authors' .pth -> msgpack -> timm safetensors -> timm."""
+  """Ti/16 with the default decoder: a release-format .pth -> msgpack -> timm safetensors -> timm."""
   model = interop._build_model("Ti/16", False, 160, 64)
   params, state = jax.jit(model.init_variables)(jax.random.key(0))
   target = jax.tree.map(lambda x: x * 0.5, model.target_params_from(params))
   target["encoder"]["cls_token"] = params["encoder"]["cls_token"]
   sd = interop.export_authors_state_dict(params, target, state, model)
-  torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, "epoch": 299},
-             tmp_path / "cim.pth")
+  _save_like_release({k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
+                     str(tmp_path / "cim.pth"))
   interop.main(["import", "--variant", "Ti/16", "--checkpoint", str(tmp_path / "cim.pth"),
                 "--output", str(tmp_path / "cim.msgpack")])
   interop.main(["export", "--variant", "Ti/16", "--params", str(tmp_path / "cim.msgpack"),
