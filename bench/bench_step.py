@@ -7,7 +7,7 @@
   python bench/bench_step.py --config=configs/cim_vit_large.py --config.batch_size=64 --no_torch
 
 Any pre-training config can be timed: `--config=FILE` and `--config.key=value` as for
-`python -m cim_jax.pretrain` (without them: configs/cim_vit_base.py, DESIGN.md's sizes: context
+`python -m cim_jax.pretrain` (without them: configs/cim_vit_base.py, the recipe's sizes of docs/METHOD.md: context
 160, 6 exemplars of 64); --cases, --dtype, --remat, --fsdp, --workers and --attention_impl, when
 given, override the config's variant/batch and settings. "device batch" times
 the jitted step on a batch already on device; "with pipeline" adds grain pair generation and the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU call: ViT-B/16 bf16 train step at DESIGN.md sizes, kernel/flag variants side by side,
+# One GPU call: ViT-B/16 bf16 train step at the recipe's sizes (docs/METHOD.md), kernel/flag variants side by side,
 # then a profile of the fastest one.
 #
 #   OUT=/some/dir bash bench/gpu_check.sh              # GPU machine, from the repo root; <= 8 min

@@ -1,4 +1,4 @@
-"""CIM pre-training of ViT-Large: the recipe of DESIGN.md section 3.
+"""CIM pre-training of ViT-Large: the recipe of docs/METHOD.md section 4.
 
 python -m cim_jax.pretrain --config=configs/cim_vit_large.py --workdir=DIR [--config.key=value ...]
 """

@@ -1,4 +1,4 @@
-"""CIM pre-training of ViT-Tiny: the recipe of DESIGN.md section 3.
+"""CIM pre-training of ViT-Tiny: the recipe of docs/METHOD.md section 4.
 
 python -m cim_jax.pretrain --config=configs/cim_vit_tiny.py --workdir=DIR [--config.key=value ...]
 """

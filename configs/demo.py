@@ -1,6 +1,6 @@
 """The README's main job: CIM pre-training of a ViT-Tiny on the embedded photos, on CPU.
 
-Full pipeline of DESIGN.md (160x160 context, 6 rotated and augmented 64x64 exemplars, exact
+Full pipeline of docs/METHOD.md (160x160 context, 6 rotated and augmented 64x64 exemplars, exact
 masks, EMA target, correlation decoder, cross-entropy loss) at a scale that finishes in a few
 minutes on 2 CPU cores, then the end-of-run report: correlation-map PNG, pretext IoU before
 vs after, kNN accuracy of the pretrained vs a randomly initialised encoder.

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of a CIM-pretrained ViT-Tiny: the recipe of DESIGN.md section 3.
+"""Supervised fine-tuning of a CIM-pretrained ViT-Tiny: the recipe of docs/METHOD.md section 5.
 
 python -m cim_jax.evaluate.finetune --config=configs/finetune_vit_tiny.py --workdir=DIR \
     --config.init_from=PRETRAIN_WORKDIR_OR_PTH [--config.key=value ...]

@@ -72,7 +72,7 @@ def test_batch_fsdp_and_presets_move_the_right_parts():
   assert b8["devices"] == 8 and b8["mesh"] == {"data": 8, "fsdp": 1}
   assert b8["params"] == 4 * b8["num_params"]  # replicated: every device holds all of them
 
-  # Twice the batch: the same state, twice the input, more activations (at DESIGN.md's pair
+  # Twice the batch: the same state, twice the input, more activations (at the recipe's pair
   # sizes the decoder's activations outweigh this small model's gradients).
   assert (b16["params"], b16["optimizer"], b16["target"]) == (b8["params"], b8["optimizer"],
                                                               b8["target"])
