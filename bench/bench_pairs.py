@@ -8,7 +8,7 @@ so machine load affects them alike, in two malloc regimes (see main). Prints sam
 (CPU time of this single-threaded process) and per wall second, the ratio (a)/(b) (target
 >= 0.7), the per-stage cost of (a), and the image quality of (a)'s resampling.
 
-  python bench/bench_pairs.py [--rounds 7] [--samples 150]
+  python bench/bench_pairs.py [--rounds 7] [--samples 150] [--exemplar_geometry release]
 """
 
 import os
@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+from cim_jax import config_defaults  # noqa: E402
 from cim_jax.data import pairs  # noqa: E402
 from cim_jax.data.decode import decode_image  # noqa: E402
 
@@ -211,15 +212,19 @@ def main():
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--samples", type=int, default=150, help="samples per block")
   parser.add_argument("--quality_samples", type=int, default=60, help="0 skips the PSNR check")
+  parser.add_argument("--exemplar_geometry", choices=pairs.EXEMPLAR_GEOMETRIES,
+                      default=config_defaults.data_config().exemplar_geometry,
+                      help="data.exemplar_geometry of (a) (default: the config default)")
   args = parser.parse_args()
   cv2.setNumThreads(1)
-  spec = pairs.PairSpec()
+  spec = pairs.PairSpec(exemplar_geometry=args.exemplar_geometry)
   jpegs = embedded_jpegs()
   rng = np.random.default_rng(0)
 
   sizes = sorted({decode_image(j).shape for j in jpegs})
   print(f"images: {len(jpegs)} JPEGs q90, shapes {sizes}; 1 thread; {args.rounds} rounds x "
-        f"{args.samples} samples per runner, interleaved")
+        f"{args.samples} samples per runner, interleaved; exemplar_geometry "
+        f"{spec.exemplar_geometry!r}")
   # glibc's default malloc returns the decoder's ~1 MB buffers to the OS and faults them back
   # in on every image; importing grain (as the pipeline does) or torch keeps them instead, and
   # decoding gets ~2x faster. Both regimes, the default one first (before torch is imported).
