@@ -55,11 +55,11 @@ from cim_jax.data import photometric
 
 _RRC_TRIES = 10  # torchvision RandomResizedCrop.get_params tries before its central fallback
 _BOX_TRIES = 10
-# Uniforms per call: search crop (2 per try + top + left + flip); per exemplar: angle,
-# (area, aspect) per try, centre x and y, then the photometric row.
+# Uniforms per call: search crop (2 per try + top + left + flip); per exemplar: angle, then
+# (area, aspect) per try and centre x and y (drawn_box) or sample_crop's 2 * 10 + 2 (release,
+# the same count), then the photometric row.
 _SEARCH_UNIFORMS = 2 * _RRC_TRIES + 3
-_BOX_UNIFORMS = 1 + 2 * _BOX_TRIES + 2  # drawn_box; release uses 1 + (2 * _RRC_TRIES + 2)
-assert _BOX_UNIFORMS == 1 + 2 * _RRC_TRIES + 2
+_BOX_UNIFORMS = 1 + 2 * _BOX_TRIES + 2
 EXEMPLAR_GEOMETRIES = ("release", "drawn_box")
 # Per axis, above it an exemplar axis is supersampled 2x. The mip level keeps the geometric
 # mean downscale <= sqrt(2), so only extreme aspect ratios get here (~3% of exemplars): at 1.5
