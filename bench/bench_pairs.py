@@ -8,7 +8,8 @@ so machine load affects them alike, in two malloc regimes (see main). Prints sam
 (CPU time of this single-threaded process) and per wall second, the ratio (a)/(b) (target
 >= 0.7), the per-stage cost of (a), and the image quality of (a)'s resampling.
 
-  python bench/bench_pairs.py [--rounds 7] [--samples 150]
+  python bench/bench_pairs.py [--rounds 7] [--samples 150] [--exemplar_geometry release]
+      [--compare_geometry]  (adds (d): (a) with the other exemplar geometry, interleaved)
 """
 
 import os
@@ -17,6 +18,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
   os.environ[_var] = "1"  # before numpy / cv2 load, so "per core" is honest
 
 import argparse
+import dataclasses
 import io
 import statistics
 import sys
@@ -27,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+from cim_jax import config_defaults  # noqa: E402
 from cim_jax.data import pairs  # noqa: E402
 from cim_jax.data.decode import decode_image  # noqa: E402
 
@@ -77,6 +80,17 @@ def torchvision_rrc():
 def cim_pair(data: bytes, rng: np.random.Generator, spec: pairs.PairSpec) -> dict:
   """(a): decode + the full CIM sample."""
   return pairs.make_pair(decode_image(data), rng, spec)
+
+
+def other_geometry(spec: pairs.PairSpec):
+  """(d): (a) with the other data.exemplar_geometry."""
+  other, = (g for g in pairs.EXEMPLAR_GEOMETRIES if g != spec.exemplar_geometry)
+  other_spec = dataclasses.replace(spec, exemplar_geometry=other)
+
+  def run(data: bytes, rng: np.random.Generator, spec: pairs.PairSpec) -> dict:
+    del spec  # (a)'s
+    return pairs.make_pair(decode_image(data), rng, other_spec)
+  return run
 
 
 def staged_pair(data: bytes, rng: np.random.Generator, spec: pairs.PairSpec,
@@ -171,7 +185,8 @@ def retain_heap() -> None:
 
 NAMES = {"a": "(a) decode + CIM pair (context, exemplars, photometric, corners)",
          "b": "(b) decode + RandomResizedCrop + flip (same decoder and resize)",
-         "c": "(c) reference: PIL decode + torchvision RandomResizedCrop + flip"}
+         "c": "(c) reference: PIL decode + torchvision RandomResizedCrop + flip",
+         "d": "(d) (a) with the other data.exemplar_geometry"}
 
 
 def measure(runners: dict, jpegs, rng, spec, args, regime: str) -> None:
@@ -193,9 +208,10 @@ def measure(runners: dict, jpegs, rng, spec, args, regime: str) -> None:
     ratios = [a[column] / b[column] for a, b in zip(rates["a"], rates["b"])]
     print(f"  ratio (a)/(b): median {statistics.median(ratios):.3f} "
           f"(per round {', '.join(f'{r:.2f}' for r in ratios)}); target >= 0.7")
-    if "c" in rates:
-      ratios = [a[column] / c[column] for a, c in zip(rates["a"], rates["c"])]
-      print(f"  ratio (a)/(c): median {statistics.median(ratios):.3f}")
+    for other in ("c", "d"):
+      if other in rates:
+        ratios = [a[column] / o[column] for a, o in zip(rates["a"], rates[other])]
+        print(f"  ratio (a)/({other}): median {statistics.median(ratios):.3f}")
   clock = {}
   count = args.samples * 2
   for k in range(count):
@@ -211,22 +227,30 @@ def main():
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--samples", type=int, default=150, help="samples per block")
   parser.add_argument("--quality_samples", type=int, default=60, help="0 skips the PSNR check")
+  parser.add_argument("--compare_geometry", action="store_true",
+                      help="also run (d): (a) with the other exemplar geometry, interleaved")
+  parser.add_argument("--exemplar_geometry", choices=pairs.EXEMPLAR_GEOMETRIES,
+                      default=config_defaults.data_config().exemplar_geometry,
+                      help="data.exemplar_geometry of (a) (default: the config default)")
   args = parser.parse_args()
   cv2.setNumThreads(1)
-  spec = pairs.PairSpec()
+  spec = pairs.PairSpec(exemplar_geometry=args.exemplar_geometry)
   jpegs = embedded_jpegs()
   rng = np.random.default_rng(0)
 
   sizes = sorted({decode_image(j).shape for j in jpegs})
   print(f"images: {len(jpegs)} JPEGs q90, shapes {sizes}; 1 thread; {args.rounds} rounds x "
-        f"{args.samples} samples per runner, interleaved")
+        f"{args.samples} samples per runner, interleaved; exemplar_geometry "
+        f"{spec.exemplar_geometry!r}")
   # glibc's default malloc returns the decoder's ~1 MB buffers to the OS and faults them back
   # in on every image; importing grain (as the pipeline does) or torch keeps them instead, and
   # decoding gets ~2x faster. Both regimes, the default one first (before torch is imported).
-  measure({"a": cim_pair, "b": plain_rrc}, jpegs, rng, spec, args,
+  runners = {"a": cim_pair, "b": plain_rrc}
+  if args.compare_geometry:
+    runners["d"] = other_geometry(spec)
+  measure(dict(runners), jpegs, rng, spec, args,
           "glibc malloc defaults (decode buffers page-faulted in per image)")
   retain_heap()
-  runners = {"a": cim_pair, "b": plain_rrc}
   if torchvision_rrc() is not None:
     runners["c"] = torchvision_rrc()
   measure(runners, jpegs, rng, spec, args,

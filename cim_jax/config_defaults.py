@@ -44,7 +44,12 @@ def data_config() -> ml_collections.ConfigDict:
   d.exemplar_size = 64
   d.exemplar_scale = (0.05, 0.48)  # area as a fraction of the search image's area
   d.exemplar_ratio = (1.0 / 3.0, 3.0)  # aspect ratio, sampled log-uniformly
-  d.exemplar_rotation = 45.0  # degrees, U(-r, r) about the box centre
+  d.exemplar_rotation = 45.0  # degrees, r: the exemplar's angle range (see exemplar_geometry)
+  # How an exemplar is drawn (cim_jax/data/pairs.py): "release" = the authors' code: an integer
+  # angle in [-r, r - 1], an axis-aligned RandomResizedCrop box, the exemplar = that box's
+  # bounding rectangle in the rotated image, corners clipped to it (mean 32% of the image);
+  # "drawn_box" = a box of the drawn area and aspect rotated by U(-r, r), inside (mean 25%).
+  d.exemplar_geometry = "release"
   # Exemplar-only photometric augmentation.
   d.color_jitter_prob = 0.8
   d.brightness = 0.4

@@ -161,6 +161,12 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
   _check_range(config, "data.blur_sigma", 0.0, math.inf)
   _check(0.0 <= d.exemplar_rotation <= 90.0,
          f"config.data.exemplar_rotation={d.exemplar_rotation} must lie in [0, 90] degrees")
+  _check(d.exemplar_geometry in ("release", "drawn_box"),
+         f"config.data.exemplar_geometry={d.exemplar_geometry!r} must be 'release' or 'drawn_box'")
+  _check(d.exemplar_geometry != "release"
+         or (d.exemplar_rotation % 1 == 0 and d.exemplar_rotation <= 45.0),
+         f"config.data.exemplar_rotation={d.exemplar_rotation} must be a whole number of degrees "
+         f"in [0, 45] with config.data.exemplar_geometry='release'")
   for key in ("search_flip_prob", "color_jitter_prob", "grayscale_prob", "blur_prob",
               "solarize_prob", "exemplar_flip_prob"):
     _check(0.0 <= d[key] <= 1.0, f"config.data.{key}={d[key]} must be a probability in [0, 1]")

@@ -57,6 +57,10 @@ def test_overrides_are_typed():
     (["--config.data.exemplar_size=192"], "config.data.exemplar_size=192 is larger than the context"),
     (["--config.data.blur_prob=1.5"], "config.data.blur_prob=1.5 must be a probability"),
     (["--config.data.exemplar_scale=(0.5, 0.1)"], "config.data.exemplar_scale"),
+    (["--config.data.exemplar_geometry=rotated"],
+     "config.data.exemplar_geometry='rotated' must be 'release' or 'drawn_box'"),
+    (["--config.data.exemplar_rotation=30.5"],
+     "config.data.exemplar_rotation=30.5 must be a whole number of degrees in [0, 45]"),
     (["--config.model.variant=Q/16"], "config.model.variant='Q/16'"),
     (["--config.data.context_size=150"], "config.data.context_size=150 must be a positive multiple"),
 ])

@@ -12,17 +12,33 @@ Per image (all randomness from the caller's np.random.Generator, a fixed number 
    (search_to_original gives the exact mapping); labels are exact regardless.
 2. Context: the source, halved further while >= ~1.41x larger than C, one bicubic resize to
    C x C (mirrored when the search square is).
-3. Exemplars: a box of area U(lo, hi) * S^2 and aspect ratio log-U(lo, hi), rotated by
+3. Exemplars: a rotated box in the search square, one of two geometries (data.exemplar_geometry;
+   both draw a fixed 23 uniforms per exemplar).
+   "release" (default) follows the authors' PyTorch release (util/datasets.py): an integer
+   angle d in [-r, r - 1] (torch.randint(-r, r)); an axis-aligned box by RandomResizedCrop's
+   rule on the S x S square (sample_crop: area U(lo, hi) * S^2, aspect log-U(lo, hi), integer
+   size and position); the search square rotated counter-clockwise by d with its canvas
+   expanded; the exemplar is the box's bounding rectangle in that rotated frame, its corners
+   outside the rotated square moved onto its edge by the release's asymmetric revise_box
+   rules (different for d > 0 and d <= 0). So it is a box rotated by d, generally larger than
+   the drawn one (mean area 0.32 of the square, up to 0.67). Deliberate differences: the
+   rectangle is continuous (the release's is pixel-quantised: same mean within 0.001, but
+   near-boundary corners can flip a rule, 0.3% of exemplars differ by > 3 px); the label is
+   the exact polygon (step 4), not the release's nearest/bicubic raster; the rectangle stays
+   inside the square up to rounding (BORDER_REPLICATE in the warp), where the release's pixel
+   rectangle can take a few fill pixels. Needs r a whole number <= 45 (above, revise_box
+   leaves empty rectangles).
+   "drawn_box": a box of area U(lo, hi) * S^2 and aspect ratio log-U(lo, hi), rotated by
    U(-r, r) degrees about its centre. The rotated box must lie inside the search square: as
    torchvision's RandomResizedCrop does for its box, (area, aspect) is redrawn up to 10 times
    for the drawn angle until the rotated box fits (so the angle distribution is exact and
    area/aspect follow their ranges truncated to the boxes that fit at that angle: with the
    defaults 89% of first draws fit, the mean area is 0.245 instead of 0.265); if none fits,
    the first draw is shrunk (aspect kept) until it just fits (2e-5 of boxes). The centre is
-   uniform over all positions where the rotated box is inside. The exemplar is one bilinear
-   cv2.warpAffine of the box onto an E x E grid from the 2x mip level of the source that keeps
-   the geometric-mean downscale <= sqrt(2); an axis still downscaled by more than 2 (extreme
-   aspect ratios) is supersampled 2x and box filtered.
+   uniform over all positions where the rotated box is inside.
+   Either way the exemplar is one bilinear cv2.warpAffine of the box onto an E x E grid from
+   the 2x mip level of the source that keeps the geometric-mean downscale <= sqrt(2); an axis
+   still downscaled by more than 2 (extreme aspect ratios) is supersampled 2x and box filtered.
 4. Label: the box's corners in context coordinates (exemplar grid top-left, top-right,
    bottom-right, bottom-left); masks_from_corners rasterises them exactly, here or on device.
 5. Exemplar-only photometric augmentation and the final flip (cim_jax/data/photometric.py).
@@ -39,10 +55,12 @@ from cim_jax.data import photometric
 
 _RRC_TRIES = 10  # torchvision RandomResizedCrop.get_params tries before its central fallback
 _BOX_TRIES = 10
-# Uniforms per call: search crop (2 per try + top + left + flip); per exemplar: angle,
-# (area, aspect) per try, centre x and y, then the photometric row.
+# Uniforms per call: search crop (2 per try + top + left + flip); per exemplar: angle, then
+# (area, aspect) per try and centre x and y (drawn_box) or sample_crop's 2 * 10 + 2 (release,
+# the same count), then the photometric row.
 _SEARCH_UNIFORMS = 2 * _RRC_TRIES + 3
 _BOX_UNIFORMS = 1 + 2 * _BOX_TRIES + 2
+EXEMPLAR_GEOMETRIES = ("release", "drawn_box")
 # Per axis, above it an exemplar axis is supersampled 2x. The mip level keeps the geometric
 # mean downscale <= sqrt(2), so only extreme aspect ratios get here (~3% of exemplars): at 1.5
 # (22%) it cost ~25 us per pair for +0.04 dB PSNR (bench/bench_pairs.py quality section).
@@ -69,6 +87,7 @@ class PairSpec:
   exemplar_scale: tuple[float, float] = (0.05, 0.48)
   exemplar_ratio: tuple[float, float] = (1.0 / 3.0, 3.0)
   exemplar_rotation: float = 45.0
+  exemplar_geometry: str = "release"
   color_jitter_prob: float = 0.8
   brightness: float = 0.4
   contrast: float = 0.4
@@ -94,6 +113,13 @@ class PairSpec:
       raise ValueError(f"data.exemplar_scale must lie in (0, 1], got {self.exemplar_scale}")
     if not 0 <= self.exemplar_rotation <= 90:
       raise ValueError(f"data.exemplar_rotation must be in [0, 90], got {self.exemplar_rotation}")
+    if self.exemplar_geometry not in EXEMPLAR_GEOMETRIES:
+      raise ValueError(f"data.exemplar_geometry must be 'release' or 'drawn_box', got "
+                       f"{self.exemplar_geometry!r}")
+    if self.exemplar_geometry == "release" and (self.exemplar_rotation % 1
+                                                or self.exemplar_rotation > 45):
+      raise ValueError(f"data.exemplar_rotation must be a whole number of degrees in [0, 45] "
+                       f"with exemplar_geometry='release', got {self.exemplar_rotation}")
     if self.blur_sigma[0] <= 0:
       raise ValueError(f"data.blur_sigma must be positive, got {self.blur_sigma}")
     for name in ("search_flip_prob", "color_jitter_prob", "grayscale_prob", "blur_prob",
@@ -179,12 +205,66 @@ def _sample_box(u: list[float], spec: PairSpec) -> tuple[float, float, float, fl
   return centre_x, centre_y, width, height, angle
 
 
+def _sample_release_box(u: list[float], spec: PairSpec) -> tuple[float, float, float, float,
+                                                                   float]:
+  """The authors' exemplar (module docstring, step 3), continuous: (cx, cy, w, h, angle).
+
+  u: 1 uniform for the integer angle, then sample_crop's 2 * 10 + 2 for the drawn box.
+  """
+  size = spec.search_size
+  h = size / 2.0
+  r = int(spec.exemplar_rotation)
+  degree = min(int(u[0] * 2 * r), 2 * r - 1) - r if r else 0  # torch.randint(-r, r)
+  top, left, rows, cols = sample_crop(size, size, u[1:], spec.exemplar_scale,
+                                      spec.exemplar_ratio)
+  if degree == 0:
+    return left + cols / 2.0, top + rows / 2.0, float(cols), float(rows), 0.0
+  angle = math.radians(degree)
+  c, s = math.cos(angle), math.sin(angle)
+  # Frame of the search image rotated counter-clockwise by `degree` (torchvision's rotate with
+  # expand=True), centred: (u, v) = M p with M = [[c, s], [-s, c]] for p relative to the search
+  # centre (x right, y down), so p = R(angle) (u, v). The drawn box's bounding rectangle there:
+  x0, x1, y0, y1 = left - h, left + cols - h, top - h, top + rows - h
+  u1, u2 = c * x0 + min(s * y0, s * y1), c * x1 + max(s * y0, s * y1)
+  v1, v2 = c * y0 - max(s * x0, s * x1), c * y1 - min(s * x0, s * x1)
+  # The rotated search image is |c u - s v| <= S/2 and |s u + c v| <= S/2 (0 < c, s != 0 here).
+  # Valid v in column u: [max(c u / s - S / 2|s|, (-S/2 - s u) / c),
+  #                       min(c u / s + S / 2|s|, (S/2 - s u) / c)];
+  # valid u in row v:    [max((s v - S/2) / c, -c v / s - S / 2|s|),
+  #                       min((s v + S/2) / c, -c v / s + S / 2|s|)].
+  a = h / abs(s)
+  bound = h * (1.0 + 1e-12)  # rounding: a corner on the edge is inside
+
+  def inside(u_: float, v_: float) -> bool:
+    return abs(c * u_ - s * v_) <= bound and abs(s * u_ + c * v_) <= bound
+
+  # The release's revise_box: corners of the rectangle outside the rotated image are moved
+  # onto its edge, in this order, with these (asymmetric) rules; (row, column) = (v, u).
+  if degree > 0:
+    v1r = max(c * u1 / s - a, (-h - s * u1) / c) if not inside(u1, v1) else v1
+    u2r = min((s * v1r + h) / c, -c * v1r / s + a) if not inside(u2, v1) else u2
+    u1r = max((s * v2 - h) / c, -c * v2 / s - a) if not inside(u1, v2) else u1
+    v2r = min(c * u2r / s + a, (h - s * u2r) / c) if not inside(u2r, v2) else v2
+  else:
+    u1r = max((s * v1 - h) / c, -c * v1 / s - a) if not inside(u1, v1) else u1
+    v1r = max(c * u2 / s - a, (-h - s * u2) / c) if not inside(u2, v1) else v1
+    v2r = min(c * u1r / s + a, (h - s * u1r) / c) if not inside(u1, v2) else v2
+    u2r = min((s * v2r + h) / c, -c * v2r / s + a) if not inside(u2, v2r) else u2
+  width, height = max(u2r - u1r, 1e-6), max(v2r - v1r, 1e-6)
+  cu, cv = (u1r + u2r) / 2.0, (v1r + v2r) / 2.0
+  return c * cu - s * cv + h, s * cu + c * cv + h, width, height, angle
+
+
+_SAMPLERS = {"release": _sample_release_box, "drawn_box": _sample_box}
+
+
 def sample_boxes(u: np.ndarray, spec: PairSpec) -> np.ndarray:
-  """Rotated exemplar boxes inside the S x S search image from (N, _BOX_UNIFORMS) uniforms.
+  """Rotated exemplar boxes in the S x S search image from (N, _BOX_UNIFORMS) uniforms.
 
   Returns (N, 5): centre x, centre y, width, height (search pixels), angle (radians).
   """
-  return np.array([_sample_box(row, spec) for row in np.asarray(u).tolist()], np.float64)
+  sampler = _SAMPLERS[spec.exemplar_geometry]
+  return np.array([sampler(row, spec) for row in np.asarray(u).tolist()], np.float64)
 
 
 def _affine(cx: float, cy: float, width: float, height: float, angle: float,
@@ -346,7 +426,8 @@ def _generate(image: np.ndarray, rng: np.random.Generator, spec: PairSpec,
   if lap:
     lap("crop + context")
 
-  boxes = [_sample_box(row[:_BOX_UNIFORMS], spec) for row in u_exemplar]
+  sampler = _SAMPLERS[spec.exemplar_geometry]
+  boxes = [sampler(row[:_BOX_UNIFORMS], spec) for row in u_exemplar]
   affines = [_affine(*box, e) for box in boxes]  # exemplar -> (possibly mirrored) search
   if search_flip:  # the same boxes in the unflipped image: x -> s - x
     source_affines = [[[-a, -b, s - t], row] for (a, b, t), row in affines]
