@@ -23,7 +23,7 @@ from flax import serialization, traverse_util
 
 from cim_jax.models import vit as vit_lib
 
-# Authors' global-loss heads: nn.Sequential index of each Linear / BatchNorm (docs/METHOD.md section 6).
+# Authors' global-loss heads: nn.Sequential index per Linear / BatchNorm (docs/METHOD.md §6).
 _PROJECTOR_LAYERS = 3
 _PREDICTOR_LAYERS = 2
 _TIMM_NAMES = {"Ti": "tiny", "T": "tiny", "S": "small", "B": "base", "L": "large", "H": "huge"}

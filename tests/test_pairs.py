@@ -15,7 +15,7 @@ from cim_jax.data import pairs, photometric, sources
 
 SPEC = pairs.PairSpec()
 GEOMETRY_ONLY = SPEC.without_photometric()
-# Extreme settings: each range pinned to one end (DESIGN.md section 1 ranges).
+# Extreme settings: each range pinned to one end (docs/METHOD.md section 1 ranges).
 EXTREMES = {
     "smallest": dict(exemplar_scale=(0.05, 0.05)),
     "largest": dict(exemplar_scale=(0.48, 0.48)),

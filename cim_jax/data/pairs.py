@@ -1,4 +1,4 @@
-"""Exemplar-context pairs: CIM's crop-and-correlate sample from one image (DESIGN.md section 1).
+"""Exemplar-context pairs: CIM's crop-and-correlate sample of one image (docs/METHOD.md §1).
 
 Coordinates are continuous pixel-edge coordinates (x, y): pixel (row r, col c) covers
 [c, c + 1) x [r, r + 1) and has its centre at (c + 0.5, r + 0.5). All geometry is defined on
@@ -76,7 +76,7 @@ def _pair(value: Any, name: str) -> tuple[float, float]:
 
 @dataclasses.dataclass(frozen=True)
 class PairSpec:
-  """Every pair-generation parameter (defaults: DESIGN.md section 1)."""
+  """Every pair-generation parameter (defaults: docs/METHOD.md §1)."""
   search_size: int = 224
   search_scale: tuple[float, float] = (0.5, 1.0)
   search_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)

@@ -1,4 +1,4 @@
-"""Exemplar-only photometric augmentation on uint8 RGB images (DESIGN.md section 1, step 3).
+"""Exemplar-only photometric augmentation on uint8 RGB images (docs/METHOD.md §1 step 5).
 
 Semantics follow torchvision on PIL images, as in the authors' release: ColorJitter (the four
 ops in a random order, each a blend computed in 8 bits), RandomGrayscale (ITU-R 601 luma copied

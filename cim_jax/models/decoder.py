@@ -95,7 +95,7 @@ class CrossBlock(nn.Module):
 
 
 class CorrelationDecoder(nn.Module):
-  """Context tokens x exemplar tokens -> correlation logits at context resolution (docs/METHOD.md section 2)."""
+  """Context tokens x exemplar tokens -> correlation logits at context size (docs/METHOD.md §2)."""
   dim: int = 512
   num_heads: int = 16
   mlp_ratio: float = 4.0

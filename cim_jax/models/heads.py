@@ -1,4 +1,4 @@
-"""Global-loss heads (BatchNorm MLP projector / predictor) and the InfoNCE loss (docs/METHOD.md section 3)."""
+"""Global-loss heads (BatchNorm MLP projector / predictor), InfoNCE loss (docs/METHOD.md §3)."""
 
 from typing import Any, Optional
 
