@@ -102,3 +102,30 @@ def test_compatible_change_resumes_from_the_saved_step_with_a_warning(trained, t
   assert result.metrics["step"] == 4
   assert sorted(read_metrics(workdir)) == [1, 2, 4]  # steps 1-2 from before, then step 4
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+
+
+def test_finetuning_resume_checks_the_saved_state_too(tmp_path, monkeypatch, caplog):
+  """Fine-tuning resumes through the same check: a narrower MLP stops in one line, touching
+  nothing; another input size (the sin-cos position table is rebuilt) resumes with a warning."""
+  from test_finetune import tiny_config as finetune_config  # pylint: disable=g-import-not-at-top
+  from test_finetune import tiny_labelled_subset  # pylint: disable=g-import-not-at-top
+  from cim_jax.evaluate import finetune, finetune_lib  # pylint: disable=g-import-not-at-top
+  build = finetune_lib.build_classifier
+  monkeypatch.setattr(finetune_lib, "build_classifier",
+                      lambda config, num_classes: build(config, num_classes).clone(depth=1))
+  tiny_labelled_subset(monkeypatch)
+  workdir = str(tmp_path / "ft")
+  finetune.finetune(finetune_config(steps=1), workdir)
+  before = snapshot(workdir)
+  other = finetune_config(steps=2)
+  other.model.mlp_ratio = 2.0
+  with pytest.raises(checkpoint_lib.IncompatibleCheckpointError,
+                     match=r"model.mlp_ratio: 4.0 -> 2.0 .*new --workdir") as error:
+    finetune.finetune(other, workdir)
+  assert "init_from" not in str(error.value)
+  assert snapshot(workdir) == before
+  resized = finetune_config(steps=2)
+  resized.data.image_size = 32
+  with caplog.at_level(logging.WARNING):
+    assert finetune.finetune(resized, workdir)["step"] == 2
+  assert "data.image_size: 16 -> 32" in caplog.text
