@@ -55,3 +55,40 @@ def exit_on_config_error(fn, *args, **kwargs):
   except config_validation.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+def describe_failure(error: BaseException) -> str:
+  """'Type: message (raised at file:line in function[, from cim_jax file:line])': one line."""
+  import os  # pylint: disable=g-import-not-at-top
+  import traceback  # pylint: disable=g-import-not-at-top
+  frames = traceback.extract_tb(error.__traceback__)
+  message = str(error).strip().splitlines()
+  text = f"{type(error).__name__}: {message[0] if message else '(no message)'}"
+  if frames:
+    last = frames[-1]
+    text += f" (raised at {last.filename}:{last.lineno} in {last.name}"
+    package = os.path.dirname(os.path.abspath(__file__))
+    ours = [f for f in frames if os.path.abspath(f.filename).startswith(package + os.sep)]
+    if ours and ours[-1] is not last:
+      text += f", called from {ours[-1].filename}:{ours[-1].lineno} in {ours[-1].name}"
+    text += ")"
+  return text
+
+
+def run_or_exit(fn, *args, user_errors=(config_validation.ConfigError,), **kwargs):
+  """Calls fn: a ConfigError (a user's mistake; or one of `user_errors`) ends the program with
+  `error: ...` and status 2; any other exception is an internal failure: `internal error: Type:
+  message (raised at file:line ...)`, then the traceback for a bug report, and status 1."""
+  try:
+    return fn(*args, **kwargs)
+  except user_errors as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except Exception as e:  # pylint: disable=broad-except
+    import traceback  # pylint: disable=g-import-not-at-top
+    print(f"internal error: {describe_failure(e)}", file=sys.stderr)
+    print("traceback (include it in a bug report):", file=sys.stderr)
+    traceback.print_exception(e, file=sys.stderr)
+    print(f"internal error: {describe_failure(e)}", file=sys.stderr)
+    sys.stderr.flush()
+    sys.exit(1)

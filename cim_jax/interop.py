@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from flax import serialization, traverse_util
 
+from cim_jax.config_validation import ConfigError
 from cim_jax.models import vit as vit_lib
 
 # Authors' global-loss heads: nn.Sequential index per Linear / BatchNorm (docs/METHOD.md §6).
@@ -43,7 +44,7 @@ def timm_model_name(variant: str) -> str:
   patch = vit_lib.decode_variant(variant)["patch_size"]
   size = variant.split("/")[0]
   if size not in _TIMM_NAMES:
-    raise ValueError(f"no named timm model for variant {variant!r}; build "
+    raise ConfigError(f"no named timm model for variant {variant!r}; build "
                      f"timm VisionTransformer(**decode_variant({variant!r})) instead")
   return f"vit_{_TIMM_NAMES[size]}_patch{patch}_224"
 
@@ -192,7 +193,7 @@ def load_torch_state_dict(path: str) -> dict:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
   state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
   if not isinstance(state, dict):
-    raise ValueError(f"{path}: expected a state dict or {{'model': state_dict}}")
+    raise ConfigError(f"{path}: expected a state dict or {{'model': state_dict}}")
   ignored = [k for k in _RELEASE_RESUME_KEYS if state is not checkpoint and k in checkpoint]
   if ignored:
     logging.info("%s: using 'model'; ignoring the authors' resume state (%s)", path,
@@ -248,7 +249,7 @@ def import_authors_state_dict(state_dict: dict, model) -> tuple:
   known = set(key_map) | set(_fixed_tables(model)) | _ignorable_keys(model)
   problems.extend(f"unexpected key {k}" for k in sorted(set(state_dict) - known))
   if problems:
-    raise ValueError(f"checkpoint does not match the {model.config.variant} CIM model "
+    raise ConfigError(f"checkpoint does not match the {model.config.variant} CIM model "
                      f"({len(problems)} problems):\n  " + "\n  ".join(problems))
   # The target shares the online cls token; the copy keeps target_params a full encoder tree.
   flat[("target", "encoder", "cls_token")] = flat[("params", "encoder", "cls_token")]
@@ -307,7 +308,7 @@ def encoder_from_timm(state_dict: dict, encoder) -> dict:
   problems.extend(f"unexpected key {k}" for k in sorted(set(state_dict) - set(key_map)
                                                          - {"pos_embed"}))
   if problems:
-    raise ValueError("timm state dict does not match the encoder:\n  " + "\n  ".join(problems))
+    raise ConfigError("timm state dict does not match the encoder:\n  " + "\n  ".join(problems))
   return traverse_util.unflatten_dict(flat)
 
 

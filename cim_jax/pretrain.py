@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
   if config.eval.pretext_iou or config.eval.knn or config.eval.visualize:
     from cim_jax.evaluate import report  # pylint: disable=g-import-not-at-top
     evaluate = report.evaluate_run
-  loop.train_and_evaluate(config, flags["workdir"], evaluate=evaluate)
+  cli.run_or_exit(loop.train_and_evaluate, config, flags["workdir"], evaluate=evaluate)
 
 
 if __name__ == "__main__":

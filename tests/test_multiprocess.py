@@ -119,3 +119,22 @@ def test_a_checkpoint_one_process_cannot_read_is_skipped_by_both(tmp_path):
   for step in (5, 6):
     assert redone[step]["loss"] == original[step]["loss"]
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "corrupt_6"))
+
+
+def test_an_incompatible_config_stops_both_processes_in_one_line(tmp_path):
+  """A changed accumulation (another optimizer state) or process count: every process stops
+  with the same one-line error (exit 2) before reading an array; the checkpoint is untouched."""
+  from test_resume import snapshot  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  _finish(_start_two(workdir, ["num_train_steps=2", "checkpoint_every_steps=2"]))
+  before = snapshot(workdir)
+  procs = _start_two(workdir, ["num_train_steps=4", "optim.accum_steps=2"])
+  outs = [p.communicate(timeout=400)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 2, out[-3000:]
+    assert "optim.accum_steps: 1 -> 2" in out and "Traceback" not in out, out[-3000:]
+  alone = start_run(workdir, ["num_train_steps=4"])  # one process where two wrote it
+  out = alone.communicate(timeout=400)[0]
+  assert alone.returncode == 2, out[-3000:]
+  assert "written by 2 process(es), this run has 1" in out, out[-3000:]
+  assert snapshot(workdir) == before

@@ -133,7 +133,8 @@ def _main(argv):
     except (ValueError, SyntaxError):
       pass
     set_key(config, key, value)
-  result = loop.train(config, workdir)
+  from cim_jax import cli  # pylint: disable=g-import-not-at-top
+  result = cli.run_or_exit(loop.train, config, workdir)  # a ConfigError: one line, exit 2
   if evaluate:
     from cim_jax.evaluate import report as report_lib  # pylint: disable=g-import-not-at-top
     evaluation = report_lib.evaluate_run(result)

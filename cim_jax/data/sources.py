@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from cim_jax.config_validation import ConfigError
 from cim_jax.data import decode
 
 # The embedded photos (scikit-image 0.26 / scikit-learn 1.9 ship them; nothing is downloaded).
@@ -74,7 +75,7 @@ class EmbeddedSource:
 
   def __init__(self, split: str = "train"):
     if split not in EMBEDDED_SPLITS:
-      raise ValueError(f"embedded split {split!r} must be one of {sorted(EMBEDDED_SPLITS)}")
+      raise ConfigError(f"embedded split {split!r} must be one of {sorted(EMBEDDED_SPLITS)}")
     self.split = split
     self.names = EMBEDDED_SPLITS[split]
     self._cache: dict[int, np.ndarray] = {}
@@ -108,7 +109,7 @@ class ImageFolderSource:
       paths.extend(os.path.join(directory, f) for f in sorted(files)
                    if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
     if not paths:
-      raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}")
+      raise ConfigError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}")
     paths.sort()
     self.root = root
     self.paths = paths
@@ -157,13 +158,13 @@ class TfdsSource:
             f"TFDS dataset {self.name!r} not found in data_dir={self.data_dir or '(default)'}: "
             f"{str(e).splitlines()[0]}") from None
       if self.image_key not in builder.info.features:
-        raise ValueError(f"TFDS dataset {self.name!r} has no {self.image_key!r} feature; "
+        raise ConfigError(f"TFDS dataset {self.name!r} has no {self.image_key!r} feature; "
                          f"features: {sorted(builder.info.features)}")
       try:
         self._source = builder.as_data_source(
             split=self.split, decoders={self.image_key: tfds.decode.SkipDecoding()})
       except (ValueError, KeyError, NotImplementedError) as e:
-        raise ValueError(f"TFDS dataset {self.name!r} split {self.split!r} cannot be read as "
+        raise ConfigError(f"TFDS dataset {self.name!r} split {self.split!r} cannot be read as "
                          f"an array_record data source: {str(e).splitlines()[0]}") from None
     return self._source
 
@@ -196,7 +197,7 @@ class TfdsLabelledSource(TfdsSource):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     features = tfds.builder(name, data_dir=data_dir or None).info.features
     if label_key not in features:
-      raise ValueError(f"TFDS dataset {name!r} has no label feature {label_key!r}; "
+      raise ConfigError(f"TFDS dataset {name!r} has no label feature {label_key!r}; "
                        f"features: {sorted(features)}")
     label = features[label_key]
     self.label_key = label_key
@@ -239,13 +240,13 @@ def make_source(data: ml_collections.ConfigDict, split: str = "train"):
     root = data.root if split == "train" else data.heldout_root
     if not root:
       key = "root" if split == "train" else "heldout_root"
-      raise ValueError(f"config.data.{key} must name an ImageFolder directory for the "
+      raise ConfigError(f"config.data.{key} must name an ImageFolder directory for the "
                        f"{split} split of config.data.source='imagefolder'")
     return ImageFolderSource(root)
   if data.source == "tfds":
     tfds_split = data.tfds_split if split == "train" else data.tfds_heldout_split
     return TfdsSource(data.tfds_name, tfds_split, data.tfds_data_dir)
-  raise ValueError(f"config.data.source={data.source!r} must be 'embedded', 'imagefolder' "
+  raise ConfigError(f"config.data.source={data.source!r} must be 'embedded', 'imagefolder' "
                    "or 'tfds'")
 
 
@@ -269,7 +270,7 @@ def embedded_labelled(name: str = "digits", split: str = "train",
     grey = skimage.data.lfw_subset()
     labels = np.array([1] * 100 + [0] * 100)  # skimage documents faces first, then non-faces
   else:
-    raise ValueError(f"embedded labelled set {name!r} must be 'digits' or 'lfw'")
+    raise ConfigError(f"embedded labelled set {name!r} must be 'digits' or 'lfw'")
   if split not in ("train", "test"):
     raise ValueError(f"split {split!r} must be 'train' or 'test'")
   keep = (np.arange(len(labels)) % 5 == 4) == (split == "test")

@@ -57,22 +57,40 @@ def _translate_y(image, level, rng):
 
 def _enhance(enhancer):
   def op(image, level, rng):  # 'increasing': a larger magnitude moves further from identity
-    return enhancer(image).enhance(1.0 + _signed(level / _MAX_LEVEL * 0.9, rng))
+    return enhancer(image).enhance(max(0.1, 1.0 + _signed(level / _MAX_LEVEL * 0.9, rng)))
   return op
 
 
+def posterize_bits(level: float) -> int:
+  """timm's _posterize_increasing_level_to_arg: 4 bits kept at level 0 down to 0 at level 10."""
+  return 4 - int(level / _MAX_LEVEL * 4)
+
+
 def _posterize(image, level, rng):
-  return ImageOps.posterize(image, max(0, 4 - int(level / _MAX_LEVEL * 4)))
+  """timm's posterize: identity for >= 8 bits, else keep the top `bits` bits of every channel.
+
+  At level 10 timm asks for 0 bits, which Pillow < 11 served as ImageOps.posterize's mask
+  ~(2**8 - 1): every bit dropped, a black image. Pillow >= 11 rejects 0 bits ("bits must be
+  between or equal to 1 and 8"), so the same look-up table is applied here directly.
+  """
+  bits = posterize_bits(level)
+  if bits >= 8:
+    return image
+  mask = ~(2 ** (8 - bits) - 1)
+  return image.point([i & mask for i in range(256)] * len(image.getbands()))
 
 
 def _solarize(image, level, rng):
-  return ImageOps.solarize(image, 256 - int(level / _MAX_LEVEL * 256))
+  return ImageOps.solarize(image, 256 - min(256, int(level / _MAX_LEVEL * 256)))
 
 
 def _solarize_add(image, level, rng):
-  add = int(level / _MAX_LEVEL * 110)
-  array = np.asarray(image, np.int32)
-  return Image.fromarray(np.where(array < 128, np.minimum(array + add, 255), array).astype(np.uint8))
+  """timm's solarize_add: values below 128 raised by up to 110, saturating (L / RGB only)."""
+  add = min(128, int(level / _MAX_LEVEL * 110))
+  if image.mode not in ("L", "RGB"):
+    return image
+  lut = [min(255, i + add) if i < 128 else i for i in range(256)]
+  return image.point(lut * len(image.getbands()))
 
 
 # timm's _RAND_INCREASING_TRANSFORMS, in its order.

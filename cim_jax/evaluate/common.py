@@ -11,6 +11,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
+from cim_jax.config_validation import ConfigError
+
 
 def data_mesh() -> Mesh:
   """A one-axis ('data',) mesh over every local device: evaluation needs no parameter sharding."""
@@ -160,12 +162,12 @@ def imagefolder_splits(train_root: str, eval_root: str, keys: tuple[str, str]
   from cim_jax.data import sources
   for root, key in zip((train_root, eval_root), keys):
     if not root:
-      raise ValueError(f"{key} must name an ImageFolder directory (root/<class>/<image>)")
+      raise ConfigError(f"{key} must name an ImageFolder directory (root/<class>/<image>)")
     if not os.path.isdir(root):
       raise FileNotFoundError(f"{key}={root!r} does not exist or is not a directory")
   folders = [sources.ImageFolderSource(root) for root in (train_root, eval_root)]
   if folders[0].classes != folders[1].classes:
-    raise ValueError(f"class folders differ: {len(folders[0].classes)} under {train_root!r}, "
+    raise ConfigError(f"class folders differ: {len(folders[0].classes)} under {train_root!r}, "
                      f"{len(folders[1].classes)} under {eval_root!r}")
   classes = tuple(folders[0].classes)
   return tuple(LabelledRecords(f, len(classes), classes, f"imagefolder {f.root}")
@@ -178,7 +180,7 @@ def tfds_splits(name: str, train_split: str, eval_split: str, data_dir: str = ""
   """Train / eval splits of a TFDS dataset prepared as array_record, read without TensorFlow."""
   from cim_jax.data import sources
   if not name:
-    raise ValueError("no TFDS dataset name given")
+    raise ConfigError("no TFDS dataset name given")
   splits = [sources.TfdsLabelledSource(name, split, data_dir, image_key, label_key)
             for split in (train_split, eval_split)]
   return tuple(LabelledRecords(s, s.num_classes, tuple(s.classes), f"tfds {name}/{s.split}")
@@ -200,7 +202,7 @@ def eval_splits(config) -> tuple[Any, Any]:
   if e.labelled_source == "tfds":
     return tfds_splits(e.tfds_name, e.tfds_train_split, e.tfds_eval_split, e.tfds_data_dir,
                        e.tfds_image_key, e.tfds_label_key)
-  raise ValueError(f"config.eval.labelled_source={e.labelled_source!r} must be one of "
+  raise ConfigError(f"config.eval.labelled_source={e.labelled_source!r} must be one of "
                    f"{', '.join(LABELLED_SOURCES)}")
 
 
@@ -209,7 +211,7 @@ class EvalCrop:
 
   def __init__(self, size: int, crop_pct: float):
     if not 0.0 < crop_pct <= 1.0:
-      raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+      raise ConfigError(f"crop_pct must be in (0, 1], got {crop_pct}")
     self.size, self.crop_pct = int(size), float(crop_pct)
 
   def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -227,7 +229,7 @@ def eval_batches(records, image_size: int, batch_size: int, crop_pct: float = 0.
   """
   import grain
   if len(records) == 0:
-    raise ValueError(f"no labelled images in {records!r}")
+    raise ConfigError(f"no labelled images in {records!r}")
   ds = grain.MapDataset.source(records).map(EvalCrop(image_size, crop_pct))
   # Threads read single records (the prefetch buffer counts records), then batch in order.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, int(read_threads)),
@@ -255,7 +257,7 @@ def load_checkpoint(config, checkpoint: str | None = None, model=None) -> dict:
   """
   checkpoint = checkpoint or config.checkpoint
   if not checkpoint:
-    raise ValueError("no checkpoint given (set --config.checkpoint=WORKDIR_OR_PTH)")
+    raise ConfigError("no checkpoint given (set --config.checkpoint=WORKDIR_OR_PTH)")
   if not epath.Path(checkpoint).exists():
     raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
   from cim_jax.models import cim
@@ -284,7 +286,7 @@ def check_encoder_params(encoder_params, model_cfg, where: str = "checkpoint"):
   found = dict(depth=depth, width=int(kernel_shape[-1]), patch_size=int(kernel_shape[0]))
   wanted = {k: spec[k] for k in found}
   if found != wanted:
-    raise ValueError(f"{where} holds a ViT with {_describe(found)}, but model.variant="
+    raise ConfigError(f"{where} holds a ViT with {_describe(found)}, but model.variant="
                      f"{model_cfg.variant!r} needs {_describe(wanted)}")
   return encoder_params
 
@@ -306,14 +308,14 @@ def run(main: Callable, *, prog: str, default_config: str = "configs/cim_vit_tin
         flags: dict[str, str] | None = None):
   """Entry point in the style of pre-training: `--config=FILE --config.key=value [--flag=...]`.
 
-  Calls `main(config, **flags)`; config errors end the program with one line and status 2.
+  Calls `main(config, **flags)`. The user's mistakes (a ConfigError, a path that does not exist,
+  an image that cannot be decoded) end the program with `error: ...` and status 2; anything else
+  is an internal failure, named with where it was raised, status 1 (see cli.run_or_exit).
   """
   import sys
   from cim_jax import cli
+  from cim_jax.data import decode
   config, flag_values = cli.parse_or_exit(sys.argv[1:], default_config=default_config,
                                           flags=dict(flags or {}), validate=False, prog=prog)
-  try:
-    return main(config, **flag_values)
-  except (ValueError, FileNotFoundError) as e:  # bad input: one line, not a traceback
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  return cli.run_or_exit(main, config, **flag_values,
+                         user_errors=(ConfigError, FileNotFoundError, decode.UndecodableImage))

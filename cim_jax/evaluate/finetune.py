@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from cim_jax.config_validation import ConfigError
 from cim_jax.evaluate import augment, common, finetune_lib, knn
 from cim_jax.train import checkpoint as checkpoint_lib
 from cim_jax.train import schedules
@@ -48,14 +49,14 @@ def labelled_sources(config) -> tuple[common.LabelledRecords, common.LabelledRec
                                        d.tfds_data_dir, d.tfds_image_key, d.tfds_label_key)
     found = max(train.num_classes, test.num_classes)
     if not found and not d.num_classes:  # a plain integer label: the count is not declared
-      raise ValueError(f"the label feature {d.tfds_label_key!r} declares no class count; set "
+      raise ConfigError(f"the label feature {d.tfds_label_key!r} declares no class count; set "
                        "config.data.num_classes")
     found = found or d.num_classes
   else:
-    raise ValueError(f"config.data.source={d.source!r}: fine-tuning reads 'embedded', "
+    raise ConfigError(f"config.data.source={d.source!r}: fine-tuning reads 'embedded', "
                      "'imagefolder' or 'tfds'")
   if d.num_classes and d.num_classes != found:
-    raise ValueError(f"the labelled data has {found} classes but the head has "
+    raise ConfigError(f"the labelled data has {found} classes but the head has "
                      f"config.data.num_classes={d.num_classes}")
   return train, test, d.num_classes or found
 
@@ -124,13 +125,13 @@ def check_checkpoint_matches(workdir: str, config, num_classes: int) -> None:
       with open(path, encoding="utf-8") as f:
         saved = json.load(f)
       if "num_classes" not in saved:  # restoring would fail and move its checkpoints aside
-        raise ValueError(f"{workdir} holds a pre-training run, not a fine-tuning one; pass it "
+        raise ConfigError(f"{workdir} holds a pre-training run, not a fine-tuning one; pass it "
                          "as --config.init_from and fine-tune into a new --workdir")
       if saved["model"]["variant"] != config.model.variant:
-        raise ValueError(f"{workdir} holds a fine-tuned {saved['model']['variant']} but "
+        raise ConfigError(f"{workdir} holds a fine-tuned {saved['model']['variant']} but "
                          f"model.variant={config.model.variant!r}")
       if saved.get("num_classes", num_classes) != num_classes:
-        raise ValueError(f"{workdir} holds a head of {saved['num_classes']} classes but the "
+        raise ConfigError(f"{workdir} holds a head of {saved['num_classes']} classes but the "
                          f"labelled data has {num_classes}")
       return
 
@@ -185,21 +186,26 @@ def finetune(config, workdir: str, *, eval_only: bool = False) -> dict[str, Any]
   check_checkpoint_matches(workdir, config, num_classes)
   runner = Finetuner(config, num_classes, len(train_source))
   data_iterator = iter(train_dataset(config, train_source))
-  checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
-  restored = checkpointer.restore_latest(runner.abstract_state(), data_iterator)
-  if restored is not None:
-    state = restored[1]
-    logging.info("fine-tuning resumes from step %d", restored[0])
-  elif eval_only:
-    raise ValueError(f"--eval_only: no fine-tuning checkpoint in {workdir}")
-  else:
-    encoder_params = None
-    if config.init_from:
-      encoder_params = common.load_encoder_params(config, config.init_from)
-    state = runner.init_state(jax.random.key(config.seed), encoder_params, config.init_from)
   saved_config = config.copy_and_resolve_references()
   with saved_config.unlocked():
     saved_config.num_classes = num_classes  # lets a restore check the head's class count
+  checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
+  try:  # an incompatible checkpoint or a bad init_from: close orbax's manager before leaving
+    restored = checkpointer.restore_latest(runner.abstract_state(), data_iterator, saved_config,
+                                           warm_start_keys=None)
+    if restored is not None:
+      state = restored[1]
+      logging.info("fine-tuning resumes from step %d", restored[0])
+    elif eval_only:
+      raise ConfigError(f"--eval_only: no fine-tuning checkpoint in {workdir}")
+    else:
+      encoder_params = None
+      if config.init_from:
+        encoder_params = common.load_encoder_params(config, config.init_from)
+      state = runner.init_state(jax.random.key(config.seed), encoder_params, config.init_from)
+  except BaseException:
+    checkpointer.close()
+    raise
   if eval_only:
     checkpointer.close()
     return {"step": int(state.step), **evaluate(runner.eval_fn, state.params, eval_source, config)}
@@ -243,7 +249,7 @@ def finetune(config, workdir: str, *, eval_only: bool = False) -> dict[str, Any]
 def main(config, workdir: str = "", eval_only: str = "false"):
   """Entry point: fine-tune into --workdir (or evaluate its checkpoint with --eval_only=true)."""
   if not workdir:
-    raise SystemExit("error: --workdir=DIR is required (checkpoints and metrics go there)")
+    raise ConfigError("--workdir=DIR is required (checkpoints and metrics go there)")
   logging.getLogger().setLevel(logging.INFO)
   result = finetune(config, workdir, eval_only=eval_only.lower() in ("1", "true", "yes"))
   print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"

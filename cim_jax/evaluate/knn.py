@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cim_jax.config_validation import ConfigError
 from cim_jax.evaluate import common
 
 KNN_KS = (10, 20, 100, 200)
@@ -118,7 +119,7 @@ def encoder_feature_fn(encoder, encoder_params, *, pool: str = "cls") -> Callabl
   pool 'cls' takes the (final-normed) cls token, 'mean' the mean of the patch tokens.
   """
   if pool not in ("cls", "mean"):
-    raise ValueError(f"feature pool must be 'cls' or 'mean', got {pool!r}")
+    raise ConfigError(f"feature pool must be 'cls' or 'mean', got {pool!r}")
   from cim_jax.models import cim  # deferred: the raw-pixel path must not need the model code
 
   def apply_fn(images):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cim_jax.config_validation import ConfigError
 from cim_jax.evaluate import common, knn
 
 
@@ -47,7 +48,7 @@ def make_optimizer(recipe: ProbeRecipe, steps: int, warmup: int, batch_size: int
                        optax.sgd(schedule, momentum=recipe.momentum))
   if recipe.optimizer == "adamw":
     return optax.adamw(schedule, weight_decay=recipe.weight_decay)
-  raise ValueError(f"probe optimizer must be 'lars', 'sgd' or 'adamw', got {recipe.optimizer!r}")
+  raise ConfigError(f"probe optimizer must be 'lars', 'sgd' or 'adamw', got {recipe.optimizer!r}")
 
 
 def train_linear_probe(train_feats: np.ndarray, train_labels: np.ndarray, num_classes: int,

@@ -14,9 +14,26 @@ from etils import epath
 
 import grain.checkpoint as grain_checkpoint
 
+from cim_jax import config_validation
 from cim_jax.train import state as state_lib
 
 CHECKPOINT_DIR = "checkpoints"
+
+# Config keys known to shape the saved train state or data-iterator state. Whether a checkpoint
+# can be resumed is NOT decided from this list: it is decided by comparing the saved array
+# shapes (and the saved data-iterator state's layout) with those the requested config builds.
+# The list only orders the explanation: of the changed keys, these are named as the cause.
+STATE_SHAPING_KEYS = (
+    "model.variant", "model.mlp_ratio", "model.decoder_dim", "model.decoder_heads",
+    "model.decoder_mlp_ratio", "model.global_loss_weight", "model.projector_hidden_dim",
+    "model.projector_dim", "model.pos_embed_grid", "data.context_size", "data.exemplar_size",
+    "data.search_size", "data.num_exemplars", "data.num_workers", "data.image_size",
+    "optim.accum_steps", "optim.grad_clip_norm", "mesh.fsdp", "num_classes",
+)
+
+
+class IncompatibleCheckpointError(config_validation.ConfigError):
+  """The work dir's checkpoint holds a train state this config cannot resume (exit status 2)."""
 
 
 class Checkpointer:
@@ -52,11 +69,18 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
-  def restore_latest(self, abstract_state, data_iterator):
+  def restore_latest(self, abstract_state, data_iterator, config=None, *,
+                     warm_start_keys=("params", "target_params")):
     """Restores the newest readable checkpoint into `abstract_state`'s shardings.
 
     Returns (step, state) or None when there is none. An unreadable checkpoint is moved aside to
     `corrupt_<step>` with a warning naming it and the step fallen back to.
+
+    Before any array is read, the saved config and array shapes are compared with `config` (the
+    config a save would store) and `abstract_state`: a checkpoint this config cannot resume
+    raises IncompatibleCheckpointError (a ConfigError: one line, exit 2) and touches nothing;
+    compatible changes (learning rate, run length, logging, ...) are listed in one warning.
+    `warm_start_keys`: the state entries `--config.init_from` copies (None: do not suggest it).
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
@@ -64,6 +88,8 @@ class Checkpointer:
       # so the cheap per-process checks are agreed on first.
       problem = self._agreed_problem(step, with_data=data_iterator is not None)
       if problem is None:
+        # Deterministic from shared files and the (identical) config: every process agrees.
+        self._check_compatible(step, abstract_state, data_iterator, config, warm_start_keys)
         items = dict(state=ocp.args.StandardRestore(abstract_state))
         if data_iterator is not None:
           items["data"] = grain_checkpoint.CheckpointRestore(data_iterator)
@@ -101,15 +127,68 @@ class Checkpointer:
     """This process's share of `step` that can be checked without a collective: the JSON
     metadata every process reads and this process's data-iterator state."""
     root = self.directory / str(step)
-    files = [root / "_CHECKPOINT_METADATA", root / "state" / "_METADATA"]
+    files = [root / "_CHECKPOINT_METADATA", root / "state" / "_METADATA",
+             root / "config" / "metadata"]
     if with_data:
-      files.append(root / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+      data = _data_file(root)
+      if data.exists() or not _data_process_counts(root):
+        files.append(data)
+      # else: written by another number of processes, which _check_compatible reports.
     for path in files:
       try:
         json.loads(path.read_text())
       except Exception as e:  # pylint: disable=broad-except  (missing or garbled alike)
         return f"{path.name}: {type(e).__name__}: {_first_line(e)}"
     return None
+
+  def _check_compatible(self, step, abstract_state, data_iterator, config, warm_start_keys):
+    """Raises IncompatibleCheckpointError when `step` cannot be resumed by this config; logs
+    one warning listing the compatible config changes. Reads metadata only, never arrays."""
+    root = self.directory / str(step)
+    changes = []
+    if config is not None:
+      saved = json.loads((root / "config" / "metadata").read_text())
+      changes = config_changes(saved, json.loads(config.to_json_best_effort()))
+    reasons = []
+    try:
+      metadata = self.manager.item_metadata(step)["state"]
+      saved_arrays = leaf_table(getattr(metadata, "tree", metadata))
+    except Exception:  # pylint: disable=broad-except  (unreadable: the restore attempt decides)
+      saved_arrays = None
+    wanted = leaf_table(abstract_state)
+    if saved_arrays is not None:
+      difference = describe_difference(saved_arrays, wanted)
+      if difference:
+        reasons.append(f"train state: {difference}")
+    if data_iterator is not None:
+      counts = _data_process_counts(root)
+      if not _data_file(root).exists() and counts:
+        reasons.append(f"it was written by {'/'.join(map(str, sorted(counts)))} process(es), "
+                       f"this run has {jax.process_count()}")
+      else:
+        saved_data = json.loads(_data_file(root).read_text())
+        if _layout(saved_data) != _layout(data_iterator.get_state()):
+          reasons.append("its data-iterator state has another layout")
+    listed = "; ".join(f"{k}: {_show(old)} -> {_show(new)}" for k, old, new in changes)
+    if not reasons:
+      if changes:
+        logging.warning("resuming %s step %d with a changed config (compatible with its train "
+                        "state): %s", self.directory, step, listed)
+      return
+    workdir = self.directory.parent
+    causes = [c for c in changes if c[0] in STATE_SHAPING_KEYS] or changes
+    others = [c for c in changes if c not in causes]
+    named = ("; ".join(f"{k}: {_show(old)} -> {_show(new)}" for k, old, new in causes)
+             if causes else "no config key differs")
+    hint = "train into a new --workdir"
+    if warm_start_keys and saved_arrays is not None and _fits(saved_arrays, wanted,
+                                                              warm_start_keys):
+      hint += f", or warm-start from its weights with --config.init_from={workdir}"
+    message = (f"{workdir} holds a checkpoint (step {step}) that this config cannot resume: "
+               f"{named} ({'; '.join(reasons)})")
+    if others:
+      message += f"; also changed: {', '.join(k for k, _, _ in others)}"
+    raise IncompatibleCheckpointError(f"{message}. Nothing was changed there; {hint}")
 
   def _quarantine(self, step: int) -> None:
     """Moves a bad step out of orbax's view so later saves of that step number do not collide."""
@@ -124,6 +203,93 @@ class Checkpointer:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"quarantine_{step}")
     self.manager.reload()
+
+
+def _data_file(root):
+  return root / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+def _data_process_counts(root) -> set[int]:
+  """The process counts of the data-iterator states saved in checkpoint `root`."""
+  data = root / "data"
+  if not data.exists():
+    return set()
+  return {int(p.name.rsplit("-of-", 1)[1][:-len(".json")]) for p in data.glob("process_*-of-*.json")}
+
+
+def _layout(tree):
+  """The shape of a JSON tree (dict keys, list lengths), its scalar values left out."""
+  if isinstance(tree, dict):
+    return {k: _layout(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [_layout(v) for v in tree]
+  return None
+
+
+def _flat_config(tree, prefix=""):
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      flat.update(_flat_config(value, f"{prefix}{key}."))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+_ABSENT = object()
+
+
+def config_changes(saved: dict, wanted: dict) -> list[tuple[str, object, object]]:
+  """(dotted key, saved value, wanted value) for every key whose value differs (JSON trees)."""
+  old, new = _flat_config(saved), _flat_config(wanted)
+  return [(k, old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in sorted(old.keys() | new.keys())
+          if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+
+
+def _show(value) -> str:
+  return "(absent)" if value is _ABSENT else json.dumps(value)
+
+
+def _key_name(entry) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def leaf_table(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{'params/encoder/...': (shape, dtype)} of a state, abstract state or orbax metadata tree."""
+  return {"/".join(_key_name(e) for e in path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def describe_difference(saved: dict, wanted: dict) -> str:
+  """'' when both tables hold the same arrays, else a short account with one example."""
+  order = lambda k: (not k.startswith("params/"), k)  # examples from the parameters first
+  missing = sorted(wanted.keys() - saved.keys(), key=order)
+  extra = sorted(saved.keys() - wanted.keys(), key=order)
+  reshaped = sorted((k for k in wanted.keys() & saved.keys() if wanted[k] != saved[k]), key=order)
+  parts = []
+  if reshaped:
+    k = reshaped[0]
+    parts.append(f"{len(reshaped)} array(s) of another shape or dtype, e.g. {k} "
+                 f"{_shape(saved[k])} -> {_shape(wanted[k])}")
+  if missing:
+    parts.append(f"{len(missing)} array(s) not in the checkpoint, e.g. {missing[0]}")
+  if extra:
+    parts.append(f"{len(extra)} saved array(s) this config has no place for, e.g. {extra[0]}")
+  return ", ".join(parts)
+
+
+def _shape(entry) -> str:
+  shape, dtype = entry
+  return f"{dtype}{list(shape)}"
+
+
+def _fits(saved: dict, wanted: dict, keys) -> bool:
+  """Whether every wanted array under the top-level `keys` is saved with the same shape."""
+  chosen = [k for k in wanted if k.split("/", 1)[0] in keys]
+  return bool(chosen) and all(saved.get(k, (None,))[0] == wanted[k][0] for k in chosen)
 
 
 def _first_line(error: Exception) -> str:
@@ -153,7 +319,7 @@ def restore_state_anywhere(directory, sharding, step=None):
 def check_warm_start_path(path: str) -> None:
   """Fails fast (before any compilation) when init_from names nothing usable."""
   if path and not epath.Path(path).exists():
-    raise ValueError(f"init_from={path!r}: no such work dir or checkpoint file")
+    raise config_validation.ConfigError(f"init_from={path!r}: no such work dir or checkpoint file")
 
 
 def is_local(path) -> bool:
@@ -189,7 +355,7 @@ def load_warm_start(path: str, model, sharding):
     from cim_jax import interop  # pylint: disable=g-import-not-at-top
     file = epath.Path(path)
     if not file.is_file():
-      raise ValueError(f"init_from={path!r}: no such file")
+      raise config_validation.ConfigError(f"init_from={path!r}: no such file")
     with _local_copy(file) as local:
       if path.endswith(".msgpack"):
         return interop.load_params(local)
@@ -200,10 +366,10 @@ def load_warm_start(path: str, model, sharding):
   if (directory / CHECKPOINT_DIR).exists():
     directory = directory / CHECKPOINT_DIR
   if not directory.exists():
-    raise ValueError(f"init_from={path!r}: no such work dir or checkpoint file")
+    raise config_validation.ConfigError(f"init_from={path!r}: no such work dir or checkpoint file")
   step, state = restore_state_anywhere(directory, sharding)
   if step is None:
-    raise ValueError(f"init_from={path!r}: no finished checkpoint in {directory}")
+    raise config_validation.ConfigError(f"init_from={path!r}: no finished checkpoint in {directory}")
   logging.info("warm start from %s step %d", directory, step)
   return {"params": state["params"], "target_params": state["target_params"]}
 
@@ -219,12 +385,12 @@ def apply_warm_start(train_state: state_lib.TrainState, loaded, source: str):
     for p, leaf in cur_flat:
       key = jax.tree_util.keystr(p)
       if key not in new_flat:
-        raise ValueError(f"init_from={source!r}: {name}{key} missing from the checkpoint")
+        raise config_validation.ConfigError(f"init_from={source!r}: {name}{key} missing from the checkpoint")
       value = new_flat[key]
       if not isinstance(value, jax.Array):
         value = np.asarray(value)
       if value.shape != leaf.shape:
-        raise ValueError(f"init_from={source!r}: {name}{key} has shape {value.shape}, the model "
+        raise config_validation.ConfigError(f"init_from={source!r}: {name}{key} has shape {value.shape}, the model "
                          f"expects {leaf.shape}")
       leaves.append(jax.device_put(value.astype(leaf.dtype), leaf.sharding))
     return jax.tree_util.tree_unflatten(treedef, leaves)

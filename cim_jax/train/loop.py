@@ -172,7 +172,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   trainer = step_lib.build_trainer(config, model, mesh, counts)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
-  restored = checkpointer.restore_latest(trainer.abstract_sharded_state(), data_iterator)
+  try:  # an incompatible checkpoint stops here: close orbax's manager before leaving
+    restored = checkpointer.restore_latest(trainer.abstract_sharded_state(), data_iterator,
+                                           config)
+  except BaseException:
+    checkpointer.close()
+    raise
   if restored is not None:
     logging.info("resuming from %s step %d", checkpointer.directory, restored[0])
     state = restored[1]
