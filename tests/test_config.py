@@ -34,6 +34,23 @@ def test_recipe_values_follow_design():
   assert (config.num_epochs, config.optim.warmup_epochs) == (300, 40)
   assert (config.ema.momentum_start, config.ema.momentum_end) == (0.99, 1.0)
   assert (config.data.context_size, config.data.exemplar_size, config.data.num_exemplars) == (160, 64, 6)
+  # The released run: fp32 and no clipping (--clip_grad only acts in the AMP branch); timm's
+  # add_weight_decay set (biases and norms exempt, the cls token decayed).
+  assert config.optim.grad_clip_norm == 0.0 and config.optim.wd_exempt == "1d"
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "base", "large", "huge"])
+def test_finetune_recipe_follows_the_release(preset):
+  from cim_jax import config_defaults
+  config = config_defaults.finetune_config(preset)
+  # The release's fine-tuning script: --layer_decay 0.8 for every size, AdamW (0.9, 0.999),
+  # wd 0.05 with the cls token exempt (timm no_weight_decay), blr 1.2e-3, min_lr 1e-6, no
+  # clipping, drop path 0.1, label smoothing 0.1.
+  assert config.optim.layer_decay == 0.8
+  assert (config.optim.b1, config.optim.b2, config.optim.weight_decay) == (0.9, 0.999, 0.05)
+  assert config.optim.wd_exempt == "1d+tokens" and config.optim.grad_clip_norm == 0.0
+  assert (config.optim.base_lr, config.optim.min_lr) == (1.2e-3, 1e-6)
+  assert config.model.drop_path_rate == 0.1 and config.mixup.label_smoothing == 0.1
 
 
 def test_overrides_are_typed():

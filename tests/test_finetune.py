@@ -98,8 +98,13 @@ def test_weight_decay_mask_matches_pretraining_rule(tiny_classifier):
   mask = finetune_lib.weight_decay_mask(params, "1d")
   assert mask["head"]["kernel"] and mask["blocks_0"]["attn"]["qkv"]["kernel"]
   assert not mask["head"]["bias"] and not mask["fc_norm"]["scale"]
-  assert mask["cls_token"]  # the authors decay the cls token
+  assert mask["cls_token"]  # "1d": the pre-training set, which decays the cls token
   assert not finetune_lib.weight_decay_mask(params, "1d+tokens")["cls_token"]
+  # The fine-tuning default exempts it, as the release (timm's no_weight_decay list).
+  default = finetune_lib.weight_decay_mask(params, tiny_config().optim.wd_exempt)
+  assert not default["cls_token"] and default["head"]["kernel"]
+  with pytest.raises(ValueError, match="must be '1d' or '1d\\+tokens'"):
+    finetune_lib.weight_decay_mask(params, "tokens")
 
 
 def test_mixup_cutmix_targets_follow_pixels():

@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from cim_jax import sharding
-from train_fixtures import read_checkpoint, read_metrics, start_run
+from train_fixtures import key_bias_mask, read_checkpoint, read_metrics, start_run, tiny_config
 
 
 def test_fsdp_rule_shards_largest_divisible_dimension():
@@ -56,6 +56,14 @@ def test_eight_devices_match_one_device_with_and_without_fsdp(tmp_path):
       np.testing.assert_allclose(losses[step]["loss"], reference_losses[step]["loss"],
                                  rtol=1e-5, err_msg=f"{name} step {step}")
     state = read_checkpoint(workdir, 4)
+    # Attention key biases have an exactly zero gradient; without clipping (the release's
+    # recipe) Adam turns the float noise computed there into steps of up to +-lr, differently on
+    # 1 and 8 devices. They are bounded here and compared elsewhere by their (nil) effect on
+    # outputs (test_release_parity); every other entry must agree.
+    peak_lr = tiny_config().optim.base_lr * tiny_config().batch_size / 256
     for key in ("params", "target_params"):
-      for a, b in zip(jax.tree.leaves(state[key]), jax.tree.leaves(reference[key])):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"{name} {key}")
+      for a, b, k in zip(jax.tree.leaves(state[key]), jax.tree.leaves(reference[key]),
+                         jax.tree.leaves(key_bias_mask(reference[key]))):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(a[~k], b[~k], rtol=1e-4, atol=1e-5, err_msg=f"{name} {key}")
+        np.testing.assert_array_less(np.abs(a - b)[k], 2 * 4 * peak_lr, err_msg=f"{name} {key}")

@@ -50,8 +50,9 @@ def test_step_counts_from_epochs_and_source_size():
   c.optim.warmup_epochs = 1.0
   c.optim.accum_steps = 2
   counts = schedules.step_counts(c, num_examples=105)
+  # The warm-up stays in batches (10), not optimizer steps: the schedules run over batches.
   assert (counts.steps_per_epoch, counts.train_steps, counts.optimizer_steps,
-          counts.warmup_optimizer_steps) == (10, 30, 15, 5)
+          counts.warmup_steps) == (10, 30, 15, 10)
   c.steps_per_epoch = 7  # explicit value wins over the source size
   assert schedules.step_counts(c, num_examples=105).train_steps == 21
   c.num_train_steps = 8  # and num_train_steps over epochs
@@ -66,3 +67,48 @@ def test_step_counts_errors_are_clear():
   c.optim.accum_steps = 4
   with pytest.raises(ValueError, match="smaller than optim.accum_steps"):
     schedules.step_counts(c, num_examples=16)
+
+
+def _counts(train_steps, accum, warmup):
+  return schedules.StepCounts(train_steps=train_steps, accum_steps=accum,
+                              optimizer_steps=train_steps // accum, warmup_steps=warmup,
+                              steps_per_epoch=train_steps)
+
+
+def _release_lr(batch, peak, end, warmup, total):
+  """MAE's util/lr_sched.py in fractional epochs (one epoch of `total` batches)."""
+  epoch, warmup_epochs = batch / total, warmup / total
+  if epoch < warmup_epochs:
+    return peak * epoch / warmup_epochs
+  return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * (epoch - warmup_epochs)
+                                                  / (1 - warmup_epochs)))
+
+
+@pytest.mark.parametrize("accum, warmup", [(1, 3), (2, 3), (4, 6), (3, 0)])
+def test_optimizer_lr_is_the_release_per_batch_schedule(accum, warmup):
+  """Optimizer step k uses the schedule at batch k * accum (set on a cycle's first batch), with
+  warm-up and total in batches: exact even when the warm-up is not a multiple of accum."""
+  total = 24
+  lr = schedules.optimizer_lr_schedule(2.0, 0.1, _counts(total, accum, warmup))
+  for k in range(total // accum):
+    np.testing.assert_allclose(float(lr(k)), _release_lr(k * accum, 2.0, 0.1, warmup, total),
+                               rtol=1e-6, atol=1e-7)
+  if accum == 1:  # identical to the plain per-step schedule
+    plain = schedules.warmup_cosine(2.0, 0.1, warmup, total)
+    assert all(float(lr(k)) == float(plain(k)) for k in range(total))
+
+
+@pytest.mark.parametrize("accum", [1, 2, 3])
+def test_ema_momentum_at_the_last_batch_of_each_cycle(accum):
+  """The authors' iter_update: optimizer step k's momentum is the cosine at batch (k+1)*accum-1
+  of all train steps (with accum 1: at step k over the optimizer steps, as before)."""
+  total = 12
+  m = schedules.ema_momentum(0.99, 1.0, total_steps=total)
+  for batch in range(total):
+    last = schedules.last_batch_of_cycle(batch, accum)
+    assert last == (batch // accum + 1) * accum - 1 and batch <= last < batch + accum
+  for k in range(total // accum):
+    iteration = (k + 1) * accum - 1
+    release = 1.0 - (1.0 - 0.99) * (math.cos(math.pi * iteration / total) + 1) / 2
+    np.testing.assert_allclose(float(m(schedules.last_batch_of_cycle(k * accum, accum))),
+                               release, rtol=0, atol=1e-7)

@@ -13,7 +13,7 @@ from cim_jax.train import schedules
 from cim_jax.train import state as state_lib
 from cim_jax.train import step as step_lib
 from train_fixtures import compilation_cache  # pylint: disable=unused-import  (autouse fixture)
-from train_fixtures import tiny_config
+from train_fixtures import key_bias_mask, tiny_config
 
 
 def _batch(config, seed):
@@ -75,7 +75,7 @@ def test_ema_target_update_and_frozen_projection(plain):
   config, trainer = plain
   _, history = _run(trainer, _fresh(trainer, config), config, steps=3)
   for k, (before, after, metrics) in enumerate(history):
-    m = float(trainer.momentum_schedule(k))
+    m = float(trainer.momentum_schedule(k))  # accum 1: batch k is optimizer step k
     assert float(metrics["momentum"]) == pytest.approx(m)
     online, target_before, target_after = (_flat(after.params["encoder"]),
                                            _flat(before.target_params["encoder"]),
@@ -106,16 +106,19 @@ def test_accumulation_updates_params_and_ema_once_per_optimizer_step(accumulatin
     if i % 2 == 0:  # first micro-batch of a cycle: nothing moves
       assert same_params and same_target
     else:
-      k = i // 2  # optimizer step index
-      m = float(trainer.momentum_schedule(k))
+      # The momentum of batch i, the last of its cycle, over all batches (the release's
+      # iter_update), not of optimizer step i // 2 over the optimizer steps.
+      m = float(trainer.momentum_schedule(i))
+      assert m != pytest.approx(float(schedules.ema_momentum(0.99, 1.0, 8)(i // 2)), abs=1e-7)
       assert not same_params and not same_target
       assert float(metrics["momentum"]) == pytest.approx(m)
       online = _flat(after.params["encoder"])
       for path, t in _flat(after.target_params["encoder"]).items():
         expected = m * _flat(before.target_params["encoder"])[path] + (1 - m) * online[path]
         np.testing.assert_allclose(t, expected, rtol=1e-6, atol=1e-7)
-  # The momentum schedule runs over optimizer steps (8 of them), not batches.
-  assert float(trainer.momentum_schedule(8)) == pytest.approx(1.0)
+  # The momentum schedule runs over batches (16 of them), not optimizer steps.
+  assert float(trainer.momentum_schedule(8)) < 1.0 - 1e-3
+  assert float(trainer.momentum_schedule(16)) == pytest.approx(1.0)
 
 
 def test_accumulated_step_equals_one_big_batch_step(plain, accumulating):
@@ -131,8 +134,15 @@ def test_accumulated_step_equals_one_big_batch_step(plain, accumulating):
     state_small, _ = trainer_small.train_step(
         state_small, sharding.global_batch(h, trainer_small.batch_sharding),
         jax.random.PRNGKey(1))
-  for a, b in zip(jax.tree.leaves(state_big.params), jax.tree.leaves(state_small.params)):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+  # Without clipping (the release's recipe) the key biases' exactly-zero gradients are float
+  # noise that Adam turns into steps of up to +-lr, differently for the two batch splits: those
+  # entries are left out here (see key_bias_mask); everything else agrees.
+  keys = jax.tree.leaves(key_bias_mask(jax.device_get(state_big.params)))
+  assert sum(int(k.sum()) for k in keys) > 0
+  for a, b, k in zip(jax.tree.leaves(state_big.params), jax.tree.leaves(state_small.params), keys):
+    np.testing.assert_allclose(np.asarray(a)[~k], np.asarray(b)[~k], rtol=2e-4, atol=2e-6)
+    np.testing.assert_array_less(np.abs(np.asarray(a) - np.asarray(b))[k],
+                                 2 * float(trainer_big.lr_schedule(0)) + 1e-12)
 
 
 _PARAMS = {}

@@ -50,6 +50,28 @@ def tiny_config(**overrides):
   return c
 
 
+def key_bias_mask(params):
+  """Tree of bool arrays like `params`: True on the attention *key* biases (the k rows of every
+  qkv bias, the k half of the decoder's kv bias).
+
+  Softmax is shift-invariant, so a key bias adds the same q.b to every logit of a query: its
+  gradient is exactly zero, and what is computed is float noise. Adam normalises that noise
+  into steps of up to about +-lr, so two correct implementations (or a batch split two ways)
+  move these entries differently; tests compare them by their (nil) effect on outputs instead.
+  """
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  mask = {}
+  for path, leaf in traverse_util.flatten_dict(params).items():
+    m = np.zeros(np.shape(leaf), bool)
+    if path[-3:] == ("attn", "qkv", "bias"):
+      width = m.shape[-1] // 3
+      m[..., width:2 * width] = True
+    elif path[-3:] == ("attn", "kv", "bias"):
+      m[..., :m.shape[-1] // 2] = True
+    mask[path] = m
+  return traverse_util.unflatten_dict(mask)
+
+
 def set_key(config, dotted: str, value):
   *parents, leaf = dotted.split(".")
   for p in parents:

@@ -144,6 +144,8 @@ class Finetuner:
     self.model = finetune_lib.build_classifier(config, num_classes)
     self.steps_per_epoch, self.total_steps, warmup = _step_counts(config, num_train)
     peak = config.optim.base_lr * config.batch_size / 256.0
+    # Per-step warm-up + cosine to min_lr, the release's per-iteration schedule (MAE's
+    # lr_sched at fractional epochs; no accumulation here, so step k is iteration k).
     self.lr_schedule = schedules.warmup_cosine(peak, config.optim.min_lr, warmup,
                                                self.total_steps)
     mesh = knn.data_mesh()

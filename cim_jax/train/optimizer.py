@@ -11,6 +11,9 @@ def build_optimizer(config: ml_collections.ConfigDict, frozen_mask, decay_mask,
                     counts: schedules.StepCounts):
   """Returns (optax transformation, lr schedule over optimizer steps).
 
+  The schedule of optimizer step k is the per-batch warm-up + cosine at batch k * accum_steps
+  (`schedules.optimizer_lr_schedule`), as the authors' release sets it.
+
   `frozen_mask` / `decay_mask` are pytrees of bools shaped like the params (True = frozen /
   decayed). Frozen leaves get a zero gradient before clipping and Adam (so they neither count in
   the global norm nor move Adam's moments), no weight decay, and a zero final update.
@@ -18,9 +21,8 @@ def build_optimizer(config: ml_collections.ConfigDict, frozen_mask, decay_mask,
   o = config.optim
   if o.grad_clip_norm < 0:
     raise ValueError(f"optim.grad_clip_norm must be >= 0 (0 disables), got {o.grad_clip_norm}")
-  lr_schedule = schedules.warmup_cosine(
-      schedules.peak_learning_rate(config), o.min_lr, counts.warmup_optimizer_steps,
-      counts.optimizer_steps)
+  lr_schedule = schedules.optimizer_lr_schedule(schedules.peak_learning_rate(config), o.min_lr,
+                                               counts)
   # Decay only trainable leaves the model asks to decay.
   decay_trainable = jax.tree.map(lambda d, f: bool(d) and not bool(f), decay_mask, frozen_mask)
   tx = optax.chain(

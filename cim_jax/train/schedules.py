@@ -1,4 +1,12 @@
-"""Learning-rate and EMA-momentum schedules, and the step counts they are built from."""
+"""Learning-rate and EMA-momentum schedules, and the step counts they are built from.
+
+Both schedules run over train steps (batches, the authors' micro-batch iterations), as in the
+authors' release (docs/METHOD.md): the learning rate of optimizer step k is the warm-up + cosine
+schedule at batch k * accum_steps (the release sets it on the first micro-batch of each
+accumulation cycle), and the EMA momentum of optimizer step k is BYOL's cosine at its last batch,
+(k + 1) * accum_steps - 1, over the run's train_steps batches. With accum_steps = 1 both reduce
+to plain per-step schedules.
+"""
 
 import dataclasses
 import math
@@ -13,7 +21,7 @@ class StepCounts:
   train_steps: int  # batches consumed; one jitted train step each
   accum_steps: int  # batches per optimizer step
   optimizer_steps: int  # train_steps // accum_steps
-  warmup_optimizer_steps: int
+  warmup_steps: int  # linear warm-up length in batches (train steps), <= train_steps
   steps_per_epoch: int
 
 
@@ -41,14 +49,15 @@ def step_counts(config: ml_collections.ConfigDict, num_examples: int | None) -> 
                      "(the data source does not report its size)")
   if train_steps < accum:
     raise ValueError(f"num_train_steps ({train_steps}) is smaller than optim.accum_steps ({accum})")
-  # Warm-up given in batches (warmup_steps) or epochs, converted to optimizer steps.
+  # Warm-up given in batches (warmup_steps) or epochs; kept in batches (the release's
+  # fractional-epoch schedule is exact in batches, whatever accum_steps is).
   if config.optim.warmup_steps >= 0:
     warmup_batches = int(config.optim.warmup_steps)
   else:
     warmup_batches = int(round(config.optim.warmup_epochs * steps_per_epoch))
   optimizer_steps = train_steps // accum
   return StepCounts(train_steps=train_steps, accum_steps=accum, optimizer_steps=optimizer_steps,
-                    warmup_optimizer_steps=min(warmup_batches // accum, optimizer_steps),
+                    warmup_steps=min(warmup_batches, train_steps),
                     steps_per_epoch=steps_per_epoch)
 
 
@@ -72,8 +81,23 @@ def warmup_cosine(peak: float, end: float, warmup_steps: int, total_steps: int):
   return schedule
 
 
+def optimizer_lr_schedule(peak: float, end: float, counts: StepCounts):
+  """lr of optimizer step k: warm-up + cosine over batches, evaluated at batch k * accum_steps."""
+  per_batch = warmup_cosine(peak, end, counts.warmup_steps, counts.train_steps)
+  accum = counts.accum_steps
+
+  def schedule(optimizer_step):
+    return per_batch(jnp.asarray(optimizer_step, jnp.int32) * accum)
+
+  return schedule
+
+
 def ema_momentum(start: float, end: float, total_steps: int):
-  """BYOL's cosine momentum: m(k) = end - (end - start) * (cos(pi k / K) + 1) / 2."""
+  """BYOL's cosine momentum: m(k) = end - (end - start) * (cos(pi k / K) + 1) / 2.
+
+  Pre-training evaluates it at the batch index of each optimizer step's last batch over
+  K = train_steps batches (the authors' iter_update); see `last_batch_of_cycle`.
+  """
   total_steps = max(1, int(total_steps))
 
   def schedule(step):
@@ -81,3 +105,8 @@ def ema_momentum(start: float, end: float, total_steps: int):
     return end - (end - start) * (jnp.cos(math.pi * progress) + 1.0) / 2.0
 
   return schedule
+
+
+def last_batch_of_cycle(step, accum_steps: int):
+  """0-based index of the last batch of the accumulation cycle that batch `step` belongs to."""
+  return (step // accum_steps + 1) * accum_steps - 1

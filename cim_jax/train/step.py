@@ -20,7 +20,11 @@ def ema_update(online, target, momentum):
 
 def make_train_step(model, tx, lr_schedule, momentum_schedule, accum_steps: int,
                     frozen_mask=None):
-  """Builds `train_step(state, batch, rng) -> (state, metrics)`; pure, so jit it once."""
+  """Builds `train_step(state, batch, rng) -> (state, metrics)`; pure, so jit it once.
+
+  `lr_schedule` is over optimizer steps (reported in the metrics; `tx` applies it),
+  `momentum_schedule` over train steps (batches), evaluated at each cycle's last batch.
+  """
 
   def train_step(state: state_lib.TrainState, batch, rng):
     # Randomness depends only on (seed, step): a resumed run draws what an unbroken run would.
@@ -36,13 +40,16 @@ def make_train_step(model, tx, lr_schedule, momentum_schedule, accum_steps: int,
     params = optax.apply_updates(state.params, updates)
 
     step = state.step + 1
-    optimizer_step = step // accum_steps - 1  # index of the optimizer step taken (if any) now
-    momentum = momentum_schedule(jnp.maximum(optimizer_step, 0))
+    # The release's iter_update: after the last batch of each accumulation cycle, the EMA uses
+    # the momentum of that batch's 0-based index (over all train steps); the optimizer step of
+    # the cycle is state.step // accum_steps.
+    last_batch = schedules.last_batch_of_cycle(state.step, accum_steps)
+    momentum = momentum_schedule(last_batch)
     new_target = ema_update(state_lib.online_like(params, state.target_params),
                             state.target_params, momentum)
     if accum_steps > 1:
       # Params only move on the last micro-batch of each accumulation cycle; so does the EMA.
-      is_update = step % accum_steps == 0
+      is_update = state.step == last_batch
       new_target = jax.tree.map(lambda n, o: jnp.where(is_update, n, o), new_target,
                                 state.target_params)
 
@@ -52,7 +59,7 @@ def make_train_step(model, tx, lr_schedule, momentum_schedule, accum_steps: int,
     metrics = dict(aux.get("metrics", {}))
     metrics.update(
         loss=loss, grad_norm=grad_norm, momentum=momentum,
-        lr=lr_schedule(jnp.maximum(optimizer_step, 0)),
+        lr=lr_schedule(state.step // accum_steps),
         param_norm=optax.global_norm(params),
         finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm))
     new_state = state.replace(step=step, params=params, target_params=new_target,
@@ -107,8 +114,9 @@ def build_trainer(config, model, mesh, counts) -> Trainer:
   frozen_mask = to_bool(model.frozen_mask(abstract_params))
   decay_mask = to_bool(model.weight_decay_mask(abstract_params, config.optim.wd_exempt))
   tx, lr_schedule = optimizer_lib.build_optimizer(config, frozen_mask, decay_mask, counts)
+  # Over batches, as the release's iter_update (max_iter = epochs * batches per epoch).
   momentum_schedule = schedules.ema_momentum(config.ema.momentum_start, config.ema.momentum_end,
-                                             counts.optimizer_steps)
+                                             counts.train_steps)
 
   def init_fn(rng, batch):
     return state_lib.init_train_state(model, tx, rng, batch)
