@@ -94,8 +94,9 @@ class TorchCIM(nn.Module):
       torch._foreach_add_(t_params, o_params, alpha=1 - momentum)  # pylint: disable=protected-access
 
 
-def make_step(model: TorchCIM, lr=1e-4, weight_decay=0.05, clip=1.0):
-  """One AdamW step + EMA, like ours (decay on >=2-D params only)."""
+def make_step(model: TorchCIM, lr=1e-4, weight_decay=0.05, clip=0.0):
+  """One AdamW step + EMA, like ours (decay on >=2-D params only; clip > 0 clips, as our
+  optim.grad_clip_norm; the recipe does not clip)."""
   params = [p for p in model.parameters() if p.requires_grad]
   decay = [p for p in params if p.ndim > 1]
   no_decay = [p for p in params if p.ndim <= 1]
@@ -107,7 +108,8 @@ def make_step(model: TorchCIM, lr=1e-4, weight_decay=0.05, clip=1.0):
     optimizer.zero_grad(set_to_none=True)
     loss = model(context, exemplars, masks)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, clip)
+    if clip > 0:
+      torch.nn.utils.clip_grad_norm_(params, clip)
     optimizer.step()
     model.ema_update(0.996)
     return loss

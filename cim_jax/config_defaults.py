@@ -1,4 +1,4 @@
-"""The one schema of every CIM config: defaults from DESIGN.md, presets per ViT size.
+"""The one schema of every CIM config: defaults from docs/METHOD.md, presets per ViT size.
 
 `configs/*.py` call `pretrain_config(...)`; every key a user may override lives here, so a
 misspelt override can be caught against this schema (see `config_validation`).
@@ -20,7 +20,7 @@ PRESETS = {
 
 
 def data_config() -> ml_collections.ConfigDict:
-  """Source and pair-generation settings (DESIGN.md section 1)."""
+  """Source and pair-generation settings (docs/METHOD.md §1)."""
   d = ml_collections.ConfigDict()
   # Source: "embedded" (photos shipped in scikit-image / scikit-learn), "imagefolder", "tfds".
   d.source = "embedded"
@@ -69,7 +69,7 @@ def data_config() -> ml_collections.ConfigDict:
 
 
 def model_config(variant: str = "B/16") -> ml_collections.ConfigDict:
-  """Encoder, correlation decoder and loss settings (DESIGN.md section 2)."""
+  """Encoder, correlation decoder and loss settings (docs/METHOD.md §2-3)."""
   m = ml_collections.ConfigDict()
   m.variant = variant
   m.mlp_ratio = 4.0
@@ -96,7 +96,7 @@ def model_config(variant: str = "B/16") -> ml_collections.ConfigDict:
 
 
 def pretrain_config(preset: str = "base") -> ml_collections.ConfigDict:
-  """The CIM pre-training recipe (DESIGN.md section 3) for one ViT size."""
+  """The CIM pre-training recipe (docs/METHOD.md §4) for one ViT size."""
   p = PRESETS[preset]
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -192,7 +192,7 @@ FINETUNE_PRESETS = {
 
 
 def finetune_config(preset: str = "base") -> ml_collections.ConfigDict:
-  """The supervised fine-tuning recipe (DESIGN.md section 3) for one ViT size."""
+  """The supervised fine-tuning recipe (docs/METHOD.md §5) for one ViT size."""
   p, f = PRESETS[preset], FINETUNE_PRESETS[preset]
   c = ml_collections.ConfigDict()
   c.seed = 0

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (DESIGN.md section 3) with best / last top-1, checkpoints and resume.
+"""Supervised fine-tuning (docs/METHOD.md §5) with best / last top-1, checkpoints and resume.
 
 python -m cim_jax.evaluate.finetune --config=configs/finetune_vit_base.py --workdir=DIR \
     --config.init_from=PRETRAIN_WORKDIR_OR_PTH [--config.data.source=imagefolder|tfds ...]
