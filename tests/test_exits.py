@@ -218,3 +218,14 @@ def test_checkpoint_write_failure_stops_naming_the_step_and_the_run_resumes(tmp_
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"resuming from {workdir}/checkpoints step 2" in out.stderr
   assert all(committed(workdir, s) for s in (2, 4, 6))
+
+
+def test_evaluation_checkpoint_without_a_finished_checkpoint_is_one_line(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "cim_jax.evaluate.knn",
+                        "--config=configs/cim_vit_tiny.py", f"--config.checkpoint={tmp_path}"],
+                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert out.stderr.strip() == (f"error: config.checkpoint='{tmp_path}': no finished checkpoint "
+                                f"in {tmp_path} (expected the work dir of a run, holding "
+                                "checkpoints/<step>/, or a weights file)")
