@@ -11,6 +11,12 @@ import ml_collections
 from cim_jax import config_validation
 
 
+class RunStopped(Exception):
+  """A run stopped by a fault it detected, not a bug (a non-finite loss, a checkpoint that could
+  not be written): `run_or_exit` prints `error: <message>` and exits with `exit_status`."""
+  exit_status = 1
+
+
 def parse(argv: list[str], *, default_config: str, flags: dict[str, str] | None = None,
           validate: bool = True) -> tuple[ml_collections.ConfigDict, dict[str, str]]:
   """Returns (config, flags) from argv; flags maps each `--name=value` to its string value."""
@@ -77,13 +83,17 @@ def describe_failure(error: BaseException) -> str:
 
 def run_or_exit(fn, *args, user_errors=(config_validation.ConfigError,), **kwargs):
   """Calls fn: a ConfigError (a user's mistake; or one of `user_errors`) ends the program with
-  `error: ...` and status 2; any other exception is an internal failure: `internal error: Type:
+  `error: ...` and status 2; a RunStopped with `error: ...` and its exit_status; any other
+  exception is an internal failure: `internal error: Type:
   message (raised at file:line ...)`, then the traceback for a bug report, and status 1."""
   try:
     return fn(*args, **kwargs)
   except user_errors as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except RunStopped as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(e.exit_status)
   except Exception as e:  # pylint: disable=broad-except
     import traceback  # pylint: disable=g-import-not-at-top
     print(f"internal error: {describe_failure(e)}", file=sys.stderr)

@@ -3,20 +3,62 @@
 python -m cim_jax.pretrain --config=configs/cim_vit_base.py --workdir=DIR [--config.key=value ...]
 
 A restart with the same --workdir resumes from its last checkpoint.
+
+Exit status: 0 done; 2 a user's mistake (config, a data / init_from / work dir path, unreadable
+data), one `error: ...` line, before anything is compiled where it can be checked up front;
+1 the run stopped on a fault it detected (a non-finite loss, a checkpoint that could not be
+written: one `error: ...` line naming the step and the last good checkpoint) or an internal
+error (`internal error: ...` and a traceback); 130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM
+after writing a checkpoint at the current step (a second Ctrl-C stops at once, without one).
 """
 
 import logging
+import signal
 import sys
 
 from cim_jax import cli
 from cim_jax import config_validation
 
 
+class _OneLineLibraryErrors(logging.Filter):
+  """Library errors logged with a traceback become one line; an OSError (orbax logs a failed
+  background save several times over) is left out: the trainer reports it in one line
+  (`error: checkpoint of step N could not be written: ...`)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if not (record.exc_info or record.exc_text):
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, OSError):
+      return False
+    text = record.getMessage() + (f" ({type(error).__name__}: {error})" if error else "")
+    record.msg, record.args = text.splitlines()[0] if text else text, None
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
+
+
+def _quiet_closed_event_loop_callbacks() -> None:
+  """After a failed async checkpoint write orbax closes its event loop while tensorstore still
+  completes the other writes of that save; each completion then prints `RuntimeError: Event
+  loop is closed` through sys.excepthook. Those (and only those) are dropped."""
+  previous = sys.excepthook
+
+  def hook(kind, error, tb):
+    if kind is RuntimeError and str(error) == "Event loop is closed":
+      return
+    previous(kind, error, tb)
+
+  sys.excepthook = hook
+
+
 def _configure_logging() -> None:
   """Our INFO lines on stderr; the libraries' absl INFO chatter (orbax, grain) only as warnings."""
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                       datefmt="%H:%M:%S")
+  logging.getLogger().setLevel(logging.INFO)  # also when a library installed a handler first
   logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("absl").addFilter(_OneLineLibraryErrors())
+  _quiet_closed_event_loop_callbacks()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,14 +75,27 @@ def main(argv: list[str] | None = None) -> None:
   from cim_jax import sharding  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed()
   cli.exit_on_config_error(config_validation.validate_pretraining, config)
+  _configure_logging()  # before the imports below: one of them installs a WARNING handler
+  from cim_jax import preflight  # pylint: disable=g-import-not-at-top
+  cli.exit_on_config_error(preflight.check_pretraining, config, flags["workdir"])
 
-  _configure_logging()
-  from cim_jax.train import loop  # pylint: disable=g-import-not-at-top
-  evaluate = None
-  if config.eval.pretext_iou or config.eval.knn or config.eval.visualize:
-    from cim_jax.evaluate import report  # pylint: disable=g-import-not-at-top
-    evaluate = report.evaluate_run
-  cli.run_or_exit(loop.train_and_evaluate, config, flags["workdir"], evaluate=evaluate)
+  try:
+    from cim_jax.train import loop  # pylint: disable=g-import-not-at-top
+    evaluate = None
+    if config.eval.pretext_iou or config.eval.knn or config.eval.visualize:
+      from cim_jax.evaluate import report  # pylint: disable=g-import-not-at-top
+      evaluate = report.evaluate_run
+    metrics = cli.run_or_exit(loop.train_and_evaluate, config, flags["workdir"],
+                              evaluate=evaluate)
+  except KeyboardInterrupt:
+    # Outside the training steps (start-up, compilation, evaluation) or a second Ctrl-C.
+    print(f"error: interrupted; {flags['workdir']} keeps its last finished checkpoint",
+          file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
+  if metrics.get("signal"):
+    print(f"stopped by {signal.Signals(metrics['signal']).name}: checkpoint of step "
+          f"{metrics['step']} written; the same command resumes from it", file=sys.stderr)
+    sys.exit(128 + metrics["signal"])
 
 
 if __name__ == "__main__":

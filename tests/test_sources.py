@@ -106,7 +106,8 @@ def test_make_source_dispatches_and_checks(tmp_path):
   _write_folder(tmp_path / "train", {"a/x.png": (1, 1, 1)})
   assert isinstance(sources.make_source(_data(), "train"), sources.EmbeddedSource)
   assert sources.make_source(_data(), "heldout").split == "heldout"
-  folder = sources.make_source(_data(source="imagefolder", root=str(tmp_path / "train")))
+  folder = sources.make_source(_data(source="imagefolder", root=str(tmp_path / "train"),
+                                     heldout_root=str(tmp_path / "train")))
   assert len(folder) == 1
   with pytest.raises(ValueError, match="config.data.heldout_root"):
     sources.make_source(_data(source="imagefolder", root=str(tmp_path)), "heldout")

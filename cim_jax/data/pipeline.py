@@ -24,6 +24,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from cim_jax import cli
 from cim_jax.data import decode
 from cim_jax.data import pairs
 from cim_jax.data import sources
@@ -35,6 +36,11 @@ MAX_ATTEMPTS = 32
 # How many bad record names the log shows in full.
 LOGGED_NAMES = 5
 BATCH_KEYS = ("context", "exemplars", "corners")
+
+
+class UnreadableDataError(cli.RunStopped, RuntimeError):
+  """Nearly every record of the data set is bad: the user's data, so `error: ...`, exit 2."""
+  exit_status = 2
 
 
 class PairTransform(grain.transforms.RandomMap):
@@ -61,7 +67,7 @@ class PairTransform(grain.transforms.RandomMap):
         first_bad = first_bad or f"{record.name} ({e})"
         num_bad += 1
         if num_bad >= MAX_ATTEMPTS:
-          raise RuntimeError(f"{MAX_ATTEMPTS} bad records in a row (first: {first_bad}); the "
+          raise UnreadableDataError(f"{MAX_ATTEMPTS} bad records in a row (first: {first_bad}); the "
                              "data set looks mostly unreadable") from None
         record = self.source[self.shard[int(rng.integers(len(self.shard)))]]
     sample = dict(pairs.make_pair(image, rng, self.spec))

@@ -6,6 +6,8 @@ inside the grain pipeline (so decoding runs in the worker processes). `name` ide
 record in skip logs.
 """
 
+import hashlib
+import logging
 import os
 from typing import NamedTuple, Sequence
 
@@ -97,10 +99,33 @@ class EmbeddedSource:
     return f"EmbeddedSource(split={self.split!r}, {len(self)} images)"
 
 
-class ImageFolderSource:
-  """root/<class>/<image> (the ImageNet layout), listed once in sorted order; labels by class."""
+# Without config.data.heldout_root, pre-training holds out this share of its ImageFolder (at
+# least 1 image, at most HELDOUT_MAX) for the pretext IoU and trains on the rest.
+HELDOUT_FRACTION = 0.02
+HELDOUT_MAX = 256
 
-  def __init__(self, root: str):
+
+def heldout_count(num_images: int) -> int:
+  """How many of `num_images` images `ImageFolderSource(subset=...)` holds out."""
+  return min(HELDOUT_MAX, max(1, round(num_images * HELDOUT_FRACTION)))
+
+
+def _path_hash(root: str, path: str) -> str:
+  """A stable (process-, machine- and restart-independent) key of an image's relative path."""
+  relative = os.path.relpath(path, root).replace(os.sep, "/")
+  return hashlib.sha256(relative.encode("utf-8")).hexdigest()
+
+
+class ImageFolderSource:
+  """root/<class>/<image> (the ImageNet layout), listed once in sorted order; labels by class.
+
+  subset: "all"; or, for a pre-training run without a separate held-out folder, "heldout" (the
+  `heldout_count` images whose relative paths hash lowest) or "train" (every other image).
+  """
+
+  def __init__(self, root: str, subset: str = "all"):
+    if subset not in ("all", "train", "heldout"):
+      raise ValueError(f"subset {subset!r} must be 'all', 'train' or 'heldout'")
     if not os.path.isdir(root):
       raise FileNotFoundError(f"image folder {root!r} does not exist or is not a directory")
     paths = []
@@ -111,6 +136,14 @@ class ImageFolderSource:
     if not paths:
       raise ConfigError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}")
     paths.sort()
+    self.num_listed = len(paths)
+    if subset != "all":
+      if len(paths) < 2:
+        raise ConfigError(f"{root!r} holds {len(paths)} image: too few to hold some out for "
+                          "the pretext IoU; set config.data.heldout_root")
+      held = set(sorted(paths, key=lambda p: _path_hash(root, p))[:heldout_count(len(paths))])
+      paths = [p for p in paths if (p in held) == (subset == "heldout")]
+    self.subset = subset
     self.root = root
     self.paths = paths
     self.classes = sorted({self._class_of(p) for p in paths})
@@ -133,7 +166,9 @@ class ImageFolderSource:
     return self[index], int(self.labels[int(index)])
 
   def __repr__(self) -> str:
-    return f"ImageFolderSource({self.root!r}, {len(self)} images, {len(self.classes)} classes)"
+    subset = "" if self.subset == "all" else f", {self.subset} subset"
+    return (f"ImageFolderSource({self.root!r}{subset}, {len(self)} images, "
+            f"{len(self.classes)} classes)")
 
 
 class TfdsSource:
@@ -237,12 +272,19 @@ def make_source(data: ml_collections.ConfigDict, split: str = "train"):
   if data.source == "embedded":
     return EmbeddedSource(split)
   if data.source == "imagefolder":
-    root = data.root if split == "train" else data.heldout_root
-    if not root:
-      key = "root" if split == "train" else "heldout_root"
-      raise ConfigError(f"config.data.{key} must name an ImageFolder directory for the "
-                       f"{split} split of config.data.source='imagefolder'")
-    return ImageFolderSource(root)
+    if not data.root:
+      raise ConfigError("config.data.root must name an ImageFolder directory for "
+                        "config.data.source='imagefolder'")
+    if data.heldout_root:
+      return ImageFolderSource(data.root if split == "train" else data.heldout_root)
+    # No separate held-out folder: a small, fixed subset of root is held out (see heldout_count).
+    source = ImageFolderSource(data.root, subset=split)
+    if split == "train":
+      held = source.num_listed - len(source)
+      logging.info("config.data.heldout_root is not set: %d of the %d images under %s (chosen "
+                   "by a hash of their paths) are held out for the pretext IoU and not trained "
+                   "on", held, source.num_listed, data.root)
+    return source
   if data.source == "tfds":
     tfds_split = data.tfds_split if split == "train" else data.tfds_heldout_split
     return TfdsSource(data.tfds_name, tfds_split, data.tfds_data_dir)

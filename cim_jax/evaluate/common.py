@@ -258,10 +258,9 @@ def load_checkpoint(config, checkpoint: str | None = None, model=None) -> dict:
   checkpoint = checkpoint or config.checkpoint
   if not checkpoint:
     raise ConfigError("no checkpoint given (set --config.checkpoint=WORKDIR_OR_PTH)")
-  if not epath.Path(checkpoint).exists():
-    raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
   from cim_jax.models import cim
   from cim_jax.train import checkpoint as ckpt
+  ckpt.check_warm_start_path(checkpoint, "config.checkpoint")  # a work dir or weights file
   if model is None:
     # Fine-tuning configs have no pair settings; the CIM model only needs them for shapes.
     from cim_jax import config_defaults

@@ -14,6 +14,7 @@ from etils import epath
 
 import grain.checkpoint as grain_checkpoint
 
+from cim_jax import cli
 from cim_jax import config_validation
 from cim_jax.train import state as state_lib
 
@@ -36,6 +37,18 @@ class IncompatibleCheckpointError(config_validation.ConfigError):
   """The work dir's checkpoint holds a train state this config cannot resume (exit status 2)."""
 
 
+class CheckpointWriteError(cli.RunStopped):
+  """A checkpoint could not be written (disk full, I/O error, ...): the run stops (exit 1)."""
+
+  def __init__(self, step, error: BaseException, last_good):
+    reason = (error.strerror if isinstance(error, OSError) and error.strerror
+              else _first_line(error) or type(error).__name__)
+    last = (f"the last good checkpoint is step {last_good}" if last_good is not None
+            else "no checkpoint was written before it")
+    super().__init__(f"checkpoint of step {step} could not be written: {reason}; {last}")
+    self.step, self.last_good = step, last_good
+
+
 class Checkpointer:
   """Saves every N steps (async) and at the end, keeps the last K, restores the newest good one."""
 
@@ -50,24 +63,64 @@ class Checkpointer:
             "data": grain_checkpoint.CheckpointHandler(),
             "config": ocp.JsonCheckpointHandler(),
         })
+    self._pending = None  # the step of the save in flight, until it is confirmed written
 
   def save(self, step: int, train_state, data_iterator, config) -> None:
-    """Starts an async save; a step only becomes visible (restorable) once fully written."""
+    """Starts an async save; a step only becomes visible (restorable) once fully written.
+
+    A save that fails (ENOSPC, EIO, ...) raises CheckpointWriteError naming its step and the
+    last good one, here (for a part written synchronously) or at the next save / wait / close
+    (for the part written in the background).
+    """
+    self.wait()  # the previous save: finished and written, or CheckpointWriteError
     items = dict(state=ocp.args.StandardSave(train_state),
                  config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
     if data_iterator is not None:
       items["data"] = grain_checkpoint.CheckpointSave(data_iterator)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._pending = step
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed(e)
+
+  def finished_steps(self) -> list[int]:
+    """The fully written steps on disk (orbax's view of the directory, not its cache)."""
+    return sorted(int(p.name) for p in ocp.path.step.checkpoint_steps_paths(self.directory)
+                  if p.name.isdigit())
 
   def latest_good_step(self):
-    return self.manager.latest_step()
+    steps = [s for s in self.finished_steps() if s != self._pending]
+    return steps[-1] if steps else None
+
+  def _failed(self, error: BaseException):
+    step, self._pending = self._pending, None
+    steps = [s for s in self.finished_steps() if s != step]
+    raise CheckpointWriteError(step, error, steps[-1] if steps else None) from error
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the save in flight; raises CheckpointWriteError when it was not written."""
+    if self._pending is None:
+      self.manager.wait_until_finished()
+      return
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed(e)
+    if self._pending not in self.finished_steps():
+      # orbax logs some background failures instead of raising them
+      self._failed(RuntimeError("the save did not complete (see the log above)"))
+    self._pending = None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the save in flight and closes orbax's manager (also after a failed save)."""
+    try:
+      self.wait()
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # pylint: disable=broad-except  (its error was raised by wait())
+        logging.debug("orbax manager close failed after a failed save", exc_info=True)
 
   def restore_latest(self, abstract_state, data_iterator, config=None, *,
                      warm_start_keys=("params", "target_params")):
@@ -316,10 +369,29 @@ def restore_state_anywhere(directory, sharding, step=None):
   return step, restored["state"]
 
 
-def check_warm_start_path(path: str) -> None:
-  """Fails fast (before any compilation) when init_from names nothing usable."""
-  if path and not epath.Path(path).exists():
-    raise config_validation.ConfigError(f"init_from={path!r}: no such work dir or checkpoint file")
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".msgpack")
+
+
+def check_warm_start_path(path: str, key: str = "init_from") -> None:
+  """Fails fast (before any compilation) when `path` names nothing usable: it must be a work dir
+  (or its checkpoints/ folder) holding a finished checkpoint, or a weights file."""
+  if not path:
+    return
+  where = epath.Path(path)
+  if not where.exists():
+    raise config_validation.ConfigError(f"{key}={path!r}: no such work dir or checkpoint file")
+  if not where.is_dir():
+    if not path.endswith(WEIGHT_FILE_SUFFIXES):
+      raise config_validation.ConfigError(
+          f"{key}={path!r}: not a work dir or a weights file "
+          f"({', '.join(WEIGHT_FILE_SUFFIXES)})")
+    return
+  directory = where / CHECKPOINT_DIR if (where / CHECKPOINT_DIR).is_dir() else where
+  if not any(d.name.isdigit() and (d / "_CHECKPOINT_METADATA").exists()
+             for d in directory.iterdir()):
+    raise config_validation.ConfigError(
+        f"{key}={path!r}: no finished checkpoint in {directory} (expected the work dir of a "
+        f"run, holding {CHECKPOINT_DIR}/<step>/, or a weights file)")
 
 
 def is_local(path) -> bool:
@@ -351,7 +423,7 @@ def load_warm_start(path: str, model, sharding):
   Any of them may be local or on gs:// (a .pth / .msgpack there is copied to a temp file first).
   """
   path = os.fspath(path)
-  if path.endswith((".pth", ".pt", ".msgpack")):
+  if path.endswith(WEIGHT_FILE_SUFFIXES):
     from cim_jax import interop  # pylint: disable=g-import-not-at-top
     file = epath.Path(path)
     if not file.is_file():

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from cim_jax import cli
 from cim_jax import sharding
 from cim_jax.data import pipeline
 from cim_jax.data import sources
@@ -24,8 +25,8 @@ from cim_jax.train import state as state_lib
 from cim_jax.train import step as step_lib
 
 
-class NonFiniteError(FloatingPointError):
-  """Training produced a non-finite loss or gradient."""
+class NonFiniteError(cli.RunStopped, FloatingPointError):
+  """Training produced a non-finite loss or gradient (the run stops: `error: ...`, exit 1)."""
 
 
 @dataclasses.dataclass
@@ -40,19 +41,27 @@ class TrainResult:
 
 
 class _Preemption:
-  """SIGTERM (single process) or JAX's multi-host preemption notice -> checkpoint, then stop."""
+  """SIGTERM / SIGINT (single process) or JAX's multi-host preemption notice -> checkpoint at
+  the current step, then stop. A second SIGINT stops at once (KeyboardInterrupt)."""
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signal = None  # the signal that asked to stop (None: none, or the multi-host notice)
+    self._previous = {}
     self._multihost = jax.process_count() > 1
     if not self._multihost and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: will checkpoint and stop after the current step")
+    del frame
+    if signum == signal.SIGINT and self.signal == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+    name = signal.Signals(signum).name
+    logging.warning("%s received: will checkpoint and stop after the current step%s", name,
+                    " (press Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
     self.requested = True
+    self.signal = signum
 
   def reached(self, step: int) -> bool:
     if self._multihost:
@@ -64,8 +73,9 @@ class _Preemption:
     return self.requested
 
   def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
 
 class _JsonlLog:
@@ -130,8 +140,8 @@ def _check_finite(host_metrics: dict, step: int, checkpointer) -> None:
     return
   checkpointer.wait()  # earlier (verified) saves finish; nothing after them is ever written
   last = checkpointer.latest_good_step()
-  where = (f"step {last} in {checkpointer.directory}" if last is not None
-           else "none (no checkpoint was written yet)")
+  where = (f"step {last} in {checkpointer.directory} (kept; nothing after it was saved)"
+           if last is not None else "none (no checkpoint was written yet)")
   raise NonFiniteError(
       f"non-finite loss or gradient at step {step} (loss={float(host_metrics['loss'])}, "
       f"grad_norm={float(host_metrics['grad_norm'])}); training stopped. Last good checkpoint: "
@@ -229,17 +239,36 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       if bar is not None:
         bar.update(1)
       if preempted:
-        logging.warning("preempted: checkpoint written at step %d; stopping", done)
+        checkpointer.wait()  # written, or CheckpointWriteError
+        logging.warning("%s: checkpoint written at step %d in %s; stopping",
+                        "preempted" if preemption.signal is None else
+                        f"stopped by {signal.Signals(preemption.signal).name}", done,
+                        checkpointer.directory)
         break
   finally:
-    checkpointer.close()
     preemption.close()
     writer.close()
     if bar is not None:
       bar.close()
+    _close_checkpointer(checkpointer)
   summary = dict(summary, step=int(jax.device_get(state.step)), preempted=preempted)
+  if preemption.signal is not None:
+    summary["signal"] = int(preemption.signal)
   return TrainResult(state=state, metrics=summary, model=model, mesh=mesh, config=config,
                      workdir=workdir)
+
+
+def _close_checkpointer(checkpointer) -> None:
+  """Closes the checkpointer in a `finally`: a save that failed is raised (CheckpointWriteError)
+  unless another exception is already on its way out, which then stays the one reported."""
+  import sys  # pylint: disable=g-import-not-at-top
+  if sys.exc_info()[0] is None:
+    checkpointer.close()
+    return
+  try:
+    checkpointer.close()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("while stopping: %s", e)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
