@@ -37,20 +37,6 @@ class _OneLineLibraryErrors(logging.Filter):
     return True
 
 
-def _quiet_closed_event_loop_callbacks() -> None:
-  """After a failed async checkpoint write orbax closes its event loop while tensorstore still
-  completes the other writes of that save; each completion then prints `RuntimeError: Event
-  loop is closed` through sys.excepthook. Those (and only those) are dropped."""
-  previous = sys.excepthook
-
-  def hook(kind, error, tb):
-    if kind is RuntimeError and str(error) == "Event loop is closed":
-      return
-    previous(kind, error, tb)
-
-  sys.excepthook = hook
-
-
 def _configure_logging() -> None:
   """Our INFO lines on stderr; the libraries' absl INFO chatter (orbax, grain) only as warnings."""
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
@@ -58,7 +44,6 @@ def _configure_logging() -> None:
   logging.getLogger().setLevel(logging.INFO)  # also when a library installed a handler first
   logging.getLogger("absl").setLevel(logging.WARNING)
   logging.getLogger("absl").addFilter(_OneLineLibraryErrors())
-  _quiet_closed_event_loop_callbacks()
 
 
 def main(argv: list[str] | None = None) -> None:
