@@ -9,18 +9,20 @@ A restart with the same --workdir resumes exactly (state, best top-1 and data it
 
 import json
 import logging
-import os
 from typing import Any
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cim_jax.config_validation import ConfigError
 from cim_jax.evaluate import augment, common, finetune_lib, knn
+from cim_jax.tools import memory
 from cim_jax.train import checkpoint as checkpoint_lib
+from cim_jax.train import metrics as metrics_lib
 from cim_jax.train import schedules
 
 
@@ -116,14 +118,13 @@ def _step_counts(config, num_train: int) -> tuple[int, int, int]:
 
 def check_checkpoint_matches(workdir: str, config, num_classes: int) -> None:
   """Before restoring: a work dir saved for another variant or head fails with one line."""
-  directory = os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR)
-  steps = sorted((int(s) for s in os.listdir(directory) if s.isdigit()), reverse=True) if \
-      os.path.isdir(directory) else []
+  directory = epath.Path(workdir) / checkpoint_lib.CHECKPOINT_DIR  # local or gs://... alike
+  steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()),
+                 reverse=True) if directory.is_dir() else []
   for step in steps:
-    path = os.path.join(directory, str(step), "config", "metadata")
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
+    path = directory / str(step) / "config" / "metadata"
+    if path.exists():
+      saved = json.loads(path.read_text(encoding="utf-8"))
       if "num_classes" not in saved:  # restoring would fail and move its checkpoints aside
         raise ConfigError(f"{workdir} holds a pre-training run, not a fine-tuning one; pass it "
                          "as --config.init_from and fine-tune into a new --workdir")
@@ -183,7 +184,7 @@ class Finetuner:
 
 def finetune(config, workdir: str, *, eval_only: bool = False) -> dict[str, Any]:
   """Fine-tunes (resuming from workdir) and returns {'best_top1', 'last_top1', ...}."""
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local path or gs://... alike
   train_source, eval_source, num_classes = labelled_sources(config)
   check_checkpoint_matches(workdir, config, num_classes)
   runner = Finetuner(config, num_classes, len(train_source))
@@ -214,35 +215,39 @@ def finetune(config, workdir: str, *, eval_only: bool = False) -> dict[str, Any]
 
   rng = jax.random.key(config.seed + 1)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else runner.steps_per_epoch
-  log_path = os.path.join(workdir, "metrics.jsonl")
   result: dict[str, Any] = {}
+  writer = metrics_lib.MetricsWriter(workdir, prefix="finetune")
+  train_step = None
   try:
-    with open(log_path, "a", encoding="utf-8") as log:
-      steps = range(int(state.step), runner.total_steps)
-      for step in common.progress(steps, enabled=config.progress_bar, desc="fine-tuning"):
-        host_batch = next(data_iterator)
-        batch = {k: jax.make_array_from_process_local_data(runner.batch_sharding, host_batch[k])
-                 for k in ("image", "label")}
-        state, metrics = runner.train_step(state, batch, rng)
-        done = step + 1
-        record = {}
-        if done % config.log_every_steps == 0 or done == runner.total_steps:
-          record.update({k: float(v) for k, v in jax.device_get(metrics).items()},
-                        lr=float(runner.lr_schedule(step)))
-        if done % eval_every == 0 or done == runner.total_steps:
-          accuracy = evaluate(runner.eval_fn, state.params, eval_source, config)
-          state = state.replace(best_top1=jnp.maximum(state.best_top1, accuracy["top1"]))
-          record.update({f"eval_{k}": v for k, v in accuracy.items()},
-                        best_top1=float(state.best_top1))
-          result = {"last_top1": accuracy["top1"], "best_top1": float(state.best_top1),
-                    **{f"last_{k}": v for k, v in accuracy.items() if k != "top1"}}
-        if record and jax.process_index() == 0:
-          log.write(json.dumps({"step": done, **record}) + "\n")
-          log.flush()
-        if done % config.checkpoint_every_steps == 0 or done == runner.total_steps:
-          checkpointer.save(done, state, data_iterator, saved_config)
+    steps = range(int(state.step), runner.total_steps)
+    for step in common.progress(steps, enabled=config.progress_bar, desc="fine-tuning"):
+      host_batch = next(data_iterator)
+      batch = {k: jax.make_array_from_process_local_data(runner.batch_sharding, host_batch[k])
+               for k in ("image", "label")}
+      if train_step is None:  # compiled once, for the real batch; too big: one line, exit 2
+        train_step = memory.compile_step_that_fits(
+            runner.train_step, (state, batch, rng), batch_size=config.batch_size,
+            what="fine-tuning")
+      state, metrics = train_step(state, batch, rng)
+      done = step + 1
+      record = {}
+      if done % config.log_every_steps == 0 or done == runner.total_steps:
+        record.update({k: float(v) for k, v in jax.device_get(metrics).items()},
+                      lr=float(runner.lr_schedule(step)))
+      if done % eval_every == 0 or done == runner.total_steps:
+        accuracy = evaluate(runner.eval_fn, state.params, eval_source, config)
+        state = state.replace(best_top1=jnp.maximum(state.best_top1, accuracy["top1"]))
+        record.update({f"eval_{k}": v for k, v in accuracy.items()},
+                      best_top1=float(state.best_top1))
+        result = {"last_top1": accuracy["top1"], "best_top1": float(state.best_top1),
+                  **{f"last_{k}": v for k, v in accuracy.items() if k != "top1"}}
+      if record:
+        writer.write(done, record)  # process 0 only
+      if done % config.checkpoint_every_steps == 0 or done == runner.total_steps:
+        checkpointer.save(done, state, data_iterator, saved_config)
   finally:
     checkpointer.close()
+    writer.close()
   result["step"] = int(state.step)
   result.setdefault("best_top1", float(state.best_top1))
   return result

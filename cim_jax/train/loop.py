@@ -1,9 +1,7 @@
 """train_and_evaluate: mesh, model, state, data, the jitted step, logging, checkpoints, faults."""
 
 import dataclasses
-import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -19,7 +17,9 @@ from cim_jax import sharding
 from cim_jax.data import pipeline
 from cim_jax.data import sources
 from cim_jax.models import cim
+from cim_jax.tools import memory
 from cim_jax.train import checkpoint as checkpoint_lib
+from cim_jax.train.metrics import MetricsWriter as _MetricsWriter
 from cim_jax.train import schedules
 from cim_jax.train import state as state_lib
 from cim_jax.train import step as step_lib
@@ -76,63 +76,6 @@ class _Preemption:
     for signum, previous in self._previous.items():
       signal.signal(signum, previous)
     self._previous = {}
-
-
-class _JsonlLog:
-  """workdir/metrics.jsonl: appended in place locally, rewritten whole on object stores.
-
-  GCS / S3 objects cannot be appended to, so on a non-local work dir every write uploads the
-  whole (small: one line per log interval) file: earlier lines, e.g. of a resumed run, are read
-  once at start and kept in memory.
-  """
-
-  def __init__(self, path: epath.Path):
-    self.path = path
-    self._append = checkpoint_lib.is_local(path)
-    self._lines: list[str] = []
-    if self._append:
-      self._file = path.open("a", encoding="utf-8")
-    elif path.exists():
-      self._lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-      if self._lines and not self._lines[-1].endswith("\n"):
-        self._lines[-1] += "\n"
-
-  def write(self, record: dict) -> None:
-    line = json.dumps(record) + "\n"
-    if self._append:
-      self._file.write(line)
-      self._file.flush()
-    else:
-      self._lines.append(line)
-      self.path.write_text("".join(self._lines), encoding="utf-8")
-
-  def close(self) -> None:
-    if self._append:
-      self._file.close()
-
-
-class _MetricsWriter:
-  """TensorBoard scalars + workdir/metrics.jsonl, on process 0 only."""
-
-  def __init__(self, workdir: epath.Path):
-    self.enabled = jax.process_index() == 0
-    if self.enabled:
-      # tensorboardX writes gs:// itself (with google-cloud-storage installed) and s3:// via boto.
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.tb = SummaryWriter(os.fspath(workdir / "tensorboard"))
-      self.jsonl = _JsonlLog(workdir / "metrics.jsonl")
-
-  def write(self, step: int, scalars: dict) -> None:
-    if not self.enabled:
-      return
-    for name, value in scalars.items():
-      self.tb.add_scalar(f"train/{name}", value, step)
-    self.jsonl.write({"step": step, **scalars})
-
-  def close(self) -> None:
-    if self.enabled:
-      self.tb.close()
-      self.jsonl.close()
 
 
 def _check_finite(host_metrics: dict, step: int, checkpointer) -> None:
@@ -197,6 +140,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       loaded = checkpoint_lib.load_warm_start(config.init_from, model, sharding.replicated(mesh))
       state = checkpoint_lib.apply_warm_start(state, loaded, config.init_from)
   train_step, batch_sharding = trainer.train_step, trainer.batch_sharding
+  train_step = memory.compile_step_that_fits(  # compiled once; too big: one line, exit 2
+      train_step, (state, memory.abstract_batch(config, batch_sharding), train_rng),
+      batch_size=config.batch_size, what="pre-training")
 
   start = int(jax.device_get(state.step))
   total = counts.train_steps
