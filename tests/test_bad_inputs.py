@@ -262,3 +262,18 @@ def test_training_iterator_counts_and_logs_the_skips(tmp_path, caplog):
   assert pipeline.num_skipped() - before >= num_bad  # every bad record met at least once
   assert all(set(b) == set(pipeline.BATCH_KEYS) and b["context"].shape[0] == 8 for b in batches)
   assert "bad records skipped so far (each replaced by another record)" in caplog.text
+
+
+def test_a_folder_of_only_undecodable_files_stops_the_run_in_one_line(tmp_path):
+  """Run as a user runs it: 32 bad records in a row for one sample is broken data, exit 2."""
+  from test_exits import assert_clean, command, error_lines, run  # pylint: disable=g-import-not-at-top
+  write_folder(tmp_path / "imgs", kinds=list(UNDECODABLE), good=0)
+  out = run(command(tmp_path, tmp_path / "w", "--config.data.source=imagefolder",
+                    f"--config.data.root={tmp_path / 'imgs'}", "--config.eval.pretext_iou=false",
+                    "--config.eval.knn=false", "--config.eval.visualize=false"))
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert_clean(out.stderr)
+  (line,) = error_lines(out.stderr)
+  assert line.startswith(f"error: {pipeline.MAX_ATTEMPTS} bad records in a row (first: "
+                         f"{tmp_path / 'imgs' / CLASS}/"), line
+  assert line.endswith("the data set looks mostly unreadable"), line
