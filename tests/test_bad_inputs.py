@@ -277,3 +277,16 @@ def test_a_folder_of_only_undecodable_files_stops_the_run_in_one_line(tmp_path):
   assert line.startswith(f"error: {pipeline.MAX_ATTEMPTS} bad records in a row (first: "
                          f"{tmp_path / 'imgs' / CLASS}/"), line
   assert line.endswith("the data set looks mostly unreadable"), line
+
+
+def test_pretrain_without_a_workdir_is_one_line():
+  """The entry point's own flag check (no other test runs it): exit 2, one line, nothing run."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from train_fixtures import REPO, subprocess_env  # pylint: disable=g-import-not-at-top
+  out = subprocess.run([sys.executable, "-m", "cim_jax.pretrain", "--config=configs/demo.py"],
+                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert out.stderr.strip() == ("error: --workdir=DIR is required (checkpoints, logs and the "
+                                "report go there)")
