@@ -248,7 +248,10 @@ def test_tiny_and_extreme_images_are_trained_on_when_min_image_size_allows(tmp_p
     assert batch["corners"][i].min() >= -1e-3 and batch["corners"][i].max() <= 32 + 1e-3
 
 
-def test_training_iterator_counts_and_logs_the_skips(tmp_path, caplog):
+def test_training_iterator_counts_and_logs_the_skips(tmp_path, caplog, monkeypatch):
+  # The skip log is per process (its first LOGGED_NAMES names): leave it as other tests find it.
+  monkeypatch.setattr(pipeline._SkipLog, "names", [])  # pylint: disable=protected-access
+  monkeypatch.setattr(pipeline._SkipLog, "total", 0)  # pylint: disable=protected-access
   paths = write_folder(tmp_path)
   source = sources.ImageFolderSource(str(tmp_path))
   config = _config(8, root=str(tmp_path))
@@ -262,6 +265,7 @@ def test_training_iterator_counts_and_logs_the_skips(tmp_path, caplog):
   assert pipeline.num_skipped() - before >= num_bad  # every bad record met at least once
   assert all(set(b) == set(pipeline.BATCH_KEYS) and b["context"].shape[0] == 8 for b in batches)
   assert "bad records skipped so far (each replaced by another record)" in caplog.text
+  assert "skipped bad record " + os.path.join(str(tmp_path), CLASS) in caplog.text
 
 
 def test_a_folder_of_only_undecodable_files_stops_the_run_in_one_line(tmp_path):
@@ -290,3 +294,18 @@ def test_pretrain_without_a_workdir_is_one_line():
   assert out.returncode == 2, out.stderr[-3000:]
   assert out.stderr.strip() == ("error: --workdir=DIR is required (checkpoints, logs and the "
                                 "report go there)")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.batch_size=0", "config.batch_size=0 must be positive"),
+    ("--config.data.min_image_size=0", "config.data.min_image_size=0 must be >= 1"),
+])
+def test_impossible_values_quoted_in_the_fault_matrix(override, message):
+  from cim_jax import cli  # pylint: disable=g-import-not-at-top
+  from cim_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from train_fixtures import REPO  # pylint: disable=g-import-not-at-top
+  config, _ = cli.parse([f"--config={os.path.join(REPO, 'configs', 'demo.py')}", override],
+                        default_config="", flags={"workdir": ""}, validate=False)
+  with pytest.raises(config_validation.ConfigError) as error:
+    config_validation.validate(config, device_count=1)
+  assert str(error.value) == message
