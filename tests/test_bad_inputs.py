@@ -309,3 +309,42 @@ def test_impossible_values_quoted_in_the_fault_matrix(override, message):
   with pytest.raises(config_validation.ConfigError) as error:
     config_validation.validate(config, device_count=1)
   assert str(error.value) == message
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path):
+  """Ctrl-C during the first step (its compilation) asks for a checkpoint after the step; a
+  second one stops at once: exit 130, one error line, no checkpoint written."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from test_exits import assert_clean, command, error_lines  # pylint: disable=g-import-not-at-top
+  from train_fixtures import REPO, subprocess_env  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "w"
+  proc = subprocess.Popen(
+      command(tmp_path, workdir, "--config.eval.pretext_iou=false", "--config.eval.knn=false",
+              "--config.eval.visualize=false", "--config.num_train_steps=100000"),
+      cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  lines = []
+  reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+  reader.start()
+  deadline = time.time() + 240
+  # metrics.jsonl is opened just before the signal handlers go in and the first step compiles.
+  while not (workdir / "metrics.jsonl").exists():
+    assert proc.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
+    time.sleep(0.02)
+  time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  while not any("SIGINT received" in line for line in lines):
+    assert proc.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGINT)
+  proc.wait(timeout=120)
+  reader.join(timeout=10)
+  stderr = "".join(lines)
+  assert proc.returncode == 130, stderr[-3000:]
+  assert_clean(stderr)
+  assert error_lines(stderr) == [f"error: interrupted; {workdir} keeps its last finished "
+                                 "checkpoint"], stderr[-3000:]
+  assert not (workdir / "checkpoints").exists() or not [
+      d for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
