@@ -38,6 +38,11 @@ def decode_image(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
       image.load()  # forces a full decode so truncation is detected here, not later
       array = to_rgb_array(image)
+  except Image.UnidentifiedImageError:
+    # PIL's message ends with the repr of our BytesIO ("<_io.BytesIO object at 0x...>"), noise
+    # in a skip log that already names the file.
+    raise UndecodableImage("UnidentifiedImageError: cannot identify image file (not an image "
+                           "format PIL reads)") from None
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise UndecodableImage(f"{type(e).__name__}: {e}") from None
   if array.ndim != 3 or array.shape[0] < 1 or array.shape[1] < 1:
