@@ -20,7 +20,7 @@ from flax import traverse_util
 from cim_jax.evaluate import knn, pretext, report
 from cim_jax.train import loop
 from train_fixtures import compilation_cache  # pylint: disable=unused-import  (autouse fixture)
-from train_fixtures import read_checkpoint, read_metrics, tiny_config
+from train_fixtures import learning_config, read_checkpoint, read_metrics
 
 STEPS = 40
 WINDOW = 10
@@ -29,11 +29,7 @@ LATE_OVER_EARLY = 0.75
 
 
 def _config():
-  config = tiny_config(num_train_steps=STEPS)
-  config.optim.base_lr = 0.1  # peak lr 3e-3 at batch 8
-  config.optim.warmup_steps = 3
-  config.data.num_images = 4  # fixed data: 4 training images
-  config.checkpoint_every_steps = STEPS
+  config = learning_config(STEPS)  # 4 fixed training images, peak lr 3e-3
   config.log_every_steps = 1
   config.eval.pretext_iou = True
   config.eval.num_heldout_pairs = 16

@@ -24,7 +24,7 @@ from cim_jax.train import schedules
 from cim_jax.train import state as state_lib
 from cim_jax.train import step as step_lib
 from train_fixtures import compilation_cache  # pylint: disable=unused-import  (autouse fixture)
-from train_fixtures import tiny_config
+from train_fixtures import learning_config, tiny_config
 
 # The tiny model's decayed leaves, written out by hand (not derived from the mask function):
 # every trainable kernel. Biases, norms and the frozen patch projection are never decayed; the
@@ -126,8 +126,9 @@ def _numpy_adamw(params, grads, lrs, *, decayed, accum=1, clip=0.0):
 
 def _run_tx(tx, params, grads):
   """Applies `tx` (as the train step does) to each gradient; -> params after each."""
-  update = jax.jit(tx.update)
-  state = jax.jit(tx.init)(params)
+  # Eager: a few hundred small dispatches cost less than compiling the chain for each config.
+  update = tx.update
+  state = tx.init(params)
   history = []
   for g in grads:
     updates, state = update(g, state, params)
@@ -237,32 +238,39 @@ def test_ema_update_directly():
           online[k]), rtol=1e-6, atol=1e-7)
 
 
+TOTAL, STEP = 40, 20
+
+
 def _byol_momentum(k, total, start=0.99, end=1.0):
   return end - (end - start) * (math.cos(math.pi * k / total) + 1.0) / 2.0
 
 
 def test_ema_from_a_distant_target():
-  """From step 3 of 8 with the target 1.0 away from the online weights, the jitted step's new
-  target is m(3) * target + (1 - m(3)) * new online, m from BYOL's cosine written out here: a
-  constant or mis-indexed momentum (off by >= 1e-3) shows as >= 1e-3 in the target."""
-  config = _config(steps=8)
+  """From step 20 of 40 with the target 1.0 away from the online weights, the jitted step's new
+  target is m(20) * target + (1 - m(20)) * new online, m from BYOL's cosine written out here: a
+  constant or mis-indexed momentum (off by >= 1e-4) shows as >= 1e-4 in the target.
+
+  The configuration is test_learning.py's, whose run compiles the same step (shared cache)."""
+  config = learning_config(TOTAL)
   trainer = _build(config)
   state = trainer.init_state(jax.random.PRNGKey(0), state_lib.dummy_batch(config.data))
   target = jax.tree.map(lambda x: np.asarray(x) + 1.0, jax.device_get(state.params["encoder"]))
-  state = jax.device_put(state.replace(step=jnp.asarray(3, jnp.int32),
+  state = jax.device_put(state.replace(step=jnp.asarray(STEP, jnp.int32),
                                        target_params={"encoder": target}),
                          trainer.state_shardings)
   rng = np.random.default_rng(0)
   d = config.data
-  batch = {"context": rng.integers(0, 256, (8, d.context_size, d.context_size, 3), np.uint8),
-           "exemplars": rng.integers(0, 256, (8, d.num_exemplars, d.exemplar_size,
+  b = config.batch_size
+  batch = {"context": rng.integers(0, 256, (b, d.context_size, d.context_size, 3), np.uint8),
+           "exemplars": rng.integers(0, 256, (b, d.num_exemplars, d.exemplar_size,
                                               d.exemplar_size, 3), np.uint8),
            "corners": np.tile(np.array([[4, 4], [20, 4], [20, 20], [4, 20]], np.float32),
-                              (8, d.num_exemplars, 1, 1))}
+                              (b, d.num_exemplars, 1, 1))}
   new, metrics = trainer.train_step(state, sharding.global_batch(batch, trainer.batch_sharding),
                                     jax.random.PRNGKey(1))
-  m = _byol_momentum(3, 8)
-  assert abs(m - _byol_momentum(0, 8)) > 1e-3
+  m = _byol_momentum(STEP, TOTAL)
+  for other in (0, STEP - 1, STEP + 1):  # a constant or an off-by-one momentum
+    assert abs(m - _byol_momentum(other, TOTAL)) > 1e-4
   assert float(metrics["momentum"]) == pytest.approx(m, abs=1e-7)
   online, old, got = _paths(new.params["encoder"]), _paths({"e": target}), _paths(
       new.target_params["encoder"])
