@@ -1,4 +1,4 @@
-"""Critical-mutation check: does the default test suite catch deliberately broken copies of the code?
+"""Critical-mutation check: does the default test suite catch deliberately broken code copies?
 
 Run by hand (not in CI), from the repository root:
 
@@ -43,6 +43,8 @@ T_GUARDS = "tests/test_training_guards.py"
 T_LEARN = "tests/test_learning.py"
 T_FAST = "tests/test_fast_paths.py"
 T_PAIRS = "tests/test_pairs.py"
+_DECAY_MASK_LINE = ("decay_mask = to_bool(model.weight_decay_mask(abstract_params, "
+                    "config.optim.wd_exempt))")
 
 MUTATIONS = [
     # --- bugs the default suite used to miss -------------------------------------------------
@@ -59,12 +61,12 @@ MUTATIONS = [
              '(("pretrained", None), ("random_init", None))',
              (T_LEARN,), "the report's pretrained kNN computed with the random init"),
     Mutation("decay_every_leaf", "cim_jax/train/step.py",
-             "decay_mask = to_bool(model.weight_decay_mask(abstract_params, config.optim.wd_exempt))",
+             _DECAY_MASK_LINE,
              "decay_mask = jax.tree.map(lambda _: True, abstract_params)",
              (f"{T_GUARDS}::test_build_trainer_decays_exactly_the_listed_leaves",),
              "build_trainer decays every leaf"),
     Mutation("wd_exempt_ignored", "cim_jax/train/step.py",
-             "decay_mask = to_bool(model.weight_decay_mask(abstract_params, config.optim.wd_exempt))",
+             _DECAY_MASK_LINE,
              "decay_mask = to_bool(model.weight_decay_mask(abstract_params))",
              (f"{T_GUARDS}::test_build_trainer_decays_exactly_the_listed_leaves",),
              "build_trainer ignores optim.wd_exempt"),
@@ -86,7 +88,8 @@ MUTATIONS = [
              (f"{T_GUARDS}::test_accumulation_averages_micro_batch_gradients",),
              "gradient accumulation sums instead of averaging"),
     Mutation("clip_ignored", "cim_jax/train/optimizer.py",
-             "optax.clip_by_global_norm(o.grad_clip_norm) if o.grad_clip_norm > 0 else optax.identity()",
+             "optax.clip_by_global_norm(o.grad_clip_norm) if o.grad_clip_norm > 0 else "
+             "optax.identity()",
              "optax.identity()",
              (f"{T_GUARDS}::test_clipping_scales_a_large_gradient",), "grad_clip_norm ignored"),
     Mutation("knn_mean_pool_ignored", "cim_jax/evaluate/knn.py",

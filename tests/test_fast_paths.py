@@ -60,7 +60,8 @@ class _Crash(Exception):
   pass
 
 
-def test_finetune_resume_is_exact(tmp_path, monkeypatch, tiny_classifier):  # pylint: disable=redefined-outer-name
+# pylint: disable-next=redefined-outer-name
+def test_finetune_resume_is_exact(tmp_path, monkeypatch, tiny_classifier):
   """2 + 2 steps (crashed after a checkpoint, restarted on the same work dir) == 4 straight
   steps, with the random augmentations on: same state, metrics and accuracy."""
   del tiny_classifier
