@@ -109,6 +109,7 @@ def test_a_checkpoint_one_process_cannot_read_is_skipped_by_both(tmp_path):
   run = ["num_train_steps=6", "checkpoint_every_steps=2", "mesh.fsdp=2"]
   _finish(_start_two(workdir, run))
   original = read_metrics(workdir)
+  final = [dict(np.load(os.path.join(workdir, f"params_process{i}.npz"))) for i in range(2)]
   with open(os.path.join(workdir, "checkpoints", "6", "data", "process_1-of-2.json"), "w") as f:
     f.write('{"next_index": ')  # cut off mid-write
   outs = _finish(_start_two(workdir, run))
@@ -116,8 +117,16 @@ def test_a_checkpoint_one_process_cannot_read_is_skipped_by_both(tmp_path):
     assert "checkpoint step 6" in out and "falling back to step 4" in out, out[-3000:]
   assert "unreadable on process(es) [1]" in outs[0]
   redone = read_metrics(workdir)
+  # The state restored into shardings that span both processes continues exactly (the fast
+  # form of the slow kill-and-restart test): metrics of steps 5-6 and both processes' params.
   for step in (5, 6):
-    assert redone[step]["loss"] == original[step]["loss"]
+    for key in ("loss", "grad_norm", "param_norm"):
+      assert redone[step][key] == original[step][key], (step, key)
+  for i in range(2):
+    again = np.load(os.path.join(workdir, f"params_process{i}.npz"))
+    assert sorted(again.files) == sorted(final[i])
+    for name in again.files:
+      np.testing.assert_array_equal(again[name], final[i][name], err_msg=name)
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "corrupt_6"))
 
 

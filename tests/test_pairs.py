@@ -87,6 +87,29 @@ def test_exemplar_warped_back_matches_context_inside_the_mask(name, exemplar_geo
     assert (shifted > errors + 0.4).all(), (seed, errors, shifted)
 
 
+@pytest.mark.parametrize("exemplar_geometry", pairs.EXEMPLAR_GEOMETRIES)
+def test_label_corners_are_the_exemplar_tl_tr_br_bl(exemplar_geometry):
+  """The label alone (corners, documented TL, TR, BR, BL of the exemplar grid) registers the
+  exemplar on the context: the affine through corners 0, 1, 3 warps it back onto the context,
+  and corner 2 is where that affine puts BR. A different corner order gives the same mask but
+  a mirrored or rotated exemplar, which does not register."""
+  spec = dataclasses.replace(GEOMETRY_ONLY, exemplar_geometry=exemplar_geometry)
+  c, e = spec.context_size, spec.exemplar_size
+  image = smooth_image()
+  for seed in range(4):
+    pair = pairs.make_pair(image, np.random.default_rng(seed), spec)
+    masks = pairs.masks_from_corners(pair["corners"], c)
+    for k, (tl, tr, br, bl) in enumerate(np.asarray(pair["corners"], np.float64)):
+      affine = np.stack([(tr - tl) / e, (bl - tl) / e, tl], axis=1)  # exemplar grid -> context
+      np.testing.assert_allclose(affine[:, :2] @ [e, e] + tl, br, atol=1e-3)
+      back = warp_from(pair["exemplars"][k], invert(affine), c)
+      interior = cv2.erode(masks[k].astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+      interior[:2] = interior[-2:] = interior[:, :2] = interior[:, -2:] = False
+      assert interior.sum() > 20
+      error = np.abs(back - pair["context"])[interior].mean()
+      assert error < 1.0, (seed, k, error)
+
+
 def compose(outer, inner):
   """Affine outer o inner, both (..., 2, 3)."""
   linear = outer[..., :2] @ inner[..., :2]

@@ -50,6 +50,17 @@ def tiny_config(**overrides):
   return c
 
 
+def learning_config(steps: int = 40):
+  """tiny_config that learns in a few dozen steps on 4 fixed images (tests/test_learning.py);
+  test_training_guards.py builds the same train step, so the two share its compilation."""
+  c = tiny_config(num_train_steps=steps)
+  c.optim.base_lr = 0.1  # peak lr 3e-3 at batch 8
+  c.optim.warmup_steps = 3
+  c.data.num_images = 4
+  c.checkpoint_every_steps = steps
+  return c
+
+
 def key_bias_mask(params):
   """Tree of bool arrays like `params`: True on the attention *key* biases (the k rows of every
   qkv bias, the k half of the decoder's kv bias).
