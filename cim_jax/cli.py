@@ -4,6 +4,7 @@ Config problems end the program with a one-line message and exit status 2, befor
 compilation, instead of a traceback (absl's config_flags raises deep inside flag parsing).
 """
 
+import logging
 import sys
 
 import ml_collections
@@ -15,6 +16,32 @@ class RunStopped(Exception):
   """A run stopped by a fault it detected, not a bug (a non-finite loss, a checkpoint that could
   not be written): `run_or_exit` prints `error: <message>` and exits with `exit_status`."""
   exit_status = 1
+
+
+class _OneLineLibraryErrors(logging.Filter):
+  """Library errors logged with a traceback become one line; an OSError (orbax logs a failed
+  background save several times over) is left out: the trainer reports it in one line
+  (`error: checkpoint of step N could not be written: ...`)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if not (record.exc_info or record.exc_text):
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, OSError):
+      return False
+    text = record.getMessage() + (f" ({type(error).__name__}: {error})" if error else "")
+    record.msg, record.args = text.splitlines()[0] if text else text, None
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
+
+
+def configure_logging() -> None:
+  """Our INFO lines on stderr; the libraries' absl INFO chatter (orbax, grain) only as warnings."""
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      datefmt="%H:%M:%S")
+  logging.getLogger().setLevel(logging.INFO)  # also when a library installed a handler first
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("absl").addFilter(_OneLineLibraryErrors())
 
 
 def parse(argv: list[str], *, default_config: str, flags: dict[str, str] | None = None,

@@ -12,38 +12,11 @@ error (`internal error: ...` and a traceback); 130 / 143 stopped by SIGINT (Ctrl
 after writing a checkpoint at the current step (a second Ctrl-C stops at once, without one).
 """
 
-import logging
 import signal
 import sys
 
 from cim_jax import cli
 from cim_jax import config_validation
-
-
-class _OneLineLibraryErrors(logging.Filter):
-  """Library errors logged with a traceback become one line; an OSError (orbax logs a failed
-  background save several times over) is left out: the trainer reports it in one line
-  (`error: checkpoint of step N could not be written: ...`)."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if not (record.exc_info or record.exc_text):
-      return True
-    error = record.exc_info[1] if record.exc_info else None
-    if isinstance(error, OSError):
-      return False
-    text = record.getMessage() + (f" ({type(error).__name__}: {error})" if error else "")
-    record.msg, record.args = text.splitlines()[0] if text else text, None
-    record.exc_info, record.exc_text, record.stack_info = None, None, None
-    return True
-
-
-def _configure_logging() -> None:
-  """Our INFO lines on stderr; the libraries' absl INFO chatter (orbax, grain) only as warnings."""
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      datefmt="%H:%M:%S")
-  logging.getLogger().setLevel(logging.INFO)  # also when a library installed a handler first
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  logging.getLogger("absl").addFilter(_OneLineLibraryErrors())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
   from cim_jax import sharding  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed()
   cli.exit_on_config_error(config_validation.validate_pretraining, config)
-  _configure_logging()  # before the imports below: one of them installs a WARNING handler
+  cli.configure_logging()  # before the imports below: one of them installs a WARNING handler
   from cim_jax import preflight  # pylint: disable=g-import-not-at-top
   cli.exit_on_config_error(preflight.check_pretraining, config, flags["workdir"])
 

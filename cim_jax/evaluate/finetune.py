@@ -18,6 +18,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
+from cim_jax import cli
 from cim_jax.config_validation import ConfigError
 from cim_jax.evaluate import augment, common, finetune_lib, knn
 from cim_jax.tools import memory
@@ -257,7 +258,7 @@ def main(config, workdir: str = "", eval_only: str = "false"):
   """Entry point: fine-tune into --workdir (or evaluate its checkpoint with --eval_only=true)."""
   if not workdir:
     raise ConfigError("--workdir=DIR is required (checkpoints and metrics go there)")
-  logging.getLogger().setLevel(logging.INFO)
+  cli.configure_logging()
   result = finetune(config, workdir, eval_only=eval_only.lower() in ("1", "true", "yes"))
   print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                  for k, v in result.items()))
