@@ -3,6 +3,7 @@
 import dataclasses
 import logging
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -207,7 +208,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
 def _close_checkpointer(checkpointer) -> None:
   """Closes the checkpointer in a `finally`: a save that failed is raised (CheckpointWriteError)
   unless another exception is already on its way out, which then stays the one reported."""
-  import sys  # pylint: disable=g-import-not-at-top
   if sys.exc_info()[0] is None:
     checkpointer.close()
     return
