@@ -2,7 +2,6 @@
 
 import logging
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 
 from cim_jax.train import loop
 from train_fixtures import compilation_cache  # pylint: disable=unused-import  (autouse fixture)
-from train_fixtures import read_checkpoint, read_metrics, tiny_config
+from train_fixtures import copy_run, read_checkpoint, read_metrics, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +20,6 @@ def trained(tmp_path_factory):
   return workdir
 
 
-def _copy(src, tmp_path):
-  dst = str(tmp_path / "run")
-  shutil.copytree(src, dst)
-  return dst
-
-
 def _steps(workdir):
   return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
 
@@ -35,7 +28,7 @@ def _steps(workdir):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damaged", ["every file", "array data only"])
 def test_corrupt_latest_checkpoint_falls_back_to_previous(trained, tmp_path, caplog, damaged):
-  workdir = _copy(trained, tmp_path)
+  workdir = copy_run(trained, tmp_path)
   assert _steps(workdir) == [2, 4, 6]
   truncated = 0
   for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "6", "state")):
@@ -61,7 +54,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(trained, tmp_path, cap
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(trained, tmp_path):
-  workdir = _copy(trained, tmp_path)
+  workdir = copy_run(trained, tmp_path)
   config = tiny_config(num_train_steps=12)
   config.optim.base_lr = 1e30  # diverges within a step or two of resuming from step 6
   with pytest.raises(loop.NonFiniteError) as error:

@@ -3,7 +3,6 @@
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import pytest
 from cim_jax.train import checkpoint as checkpoint_lib
 from cim_jax.train import loop
 from train_fixtures import compilation_cache  # pylint: disable=unused-import  (autouse fixture)
-from train_fixtures import REPO, read_metrics, subprocess_env, tiny_config
+from train_fixtures import REPO, copy_run, read_metrics, subprocess_env, tiny_config
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -23,12 +22,6 @@ def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("resume") / "run")
   loop.train(tiny_config(num_train_steps=2), workdir)
   return workdir
-
-
-def _copy(src, tmp_path):
-  dst = str(tmp_path / "run")
-  shutil.copytree(src, dst)
-  return dst
 
 
 def snapshot(workdir):
@@ -54,7 +47,7 @@ def pretrain_command(tmp_path, workdir, *overrides):
 
 
 def test_incompatible_change_from_the_command_line_exits_2_in_one_line(trained, tmp_path):
-  workdir = _copy(trained, tmp_path)
+  workdir = copy_run(trained, tmp_path)
   before = snapshot(workdir)
   out = subprocess.run(pretrain_command(tmp_path, workdir, "--config.model.variant=S/16"),
                        cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
@@ -74,7 +67,7 @@ def test_incompatible_change_from_the_command_line_exits_2_in_one_line(trained, 
     ("model.global_loss_weight", 1.0),  # projector / predictor parameters and BN state appear
 ])
 def test_incompatible_change_names_the_key_and_touches_nothing(trained, tmp_path, key, value):
-  workdir = _copy(trained, tmp_path)
+  workdir = copy_run(trained, tmp_path)
   before = snapshot(workdir)
   with pytest.raises(checkpoint_lib.IncompatibleCheckpointError) as error:
     loop.train(tiny_config(num_train_steps=4, **{key: value}), workdir)
@@ -88,7 +81,7 @@ def test_incompatible_change_names_the_key_and_touches_nothing(trained, tmp_path
 
 def test_compatible_change_resumes_from_the_saved_step_with_a_warning(trained, tmp_path,
                                                                       caplog):
-  workdir = _copy(trained, tmp_path)
+  workdir = copy_run(trained, tmp_path)
   config = tiny_config(num_train_steps=4, log_every_steps=2)
   config.optim.base_lr = 2e-3
   with caplog.at_level(logging.INFO):

@@ -7,6 +7,7 @@ Run as a script it trains in a fresh process (the way tests kill, preempt or mul
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -88,6 +89,13 @@ def set_key(config, dotted: str, value):
   for p in parents:
     config = config[p]
   config[leaf] = value
+
+
+def copy_run(src, tmp_path):
+  """A copy of the run work dir `src` under tmp_path (tests that change or break a run)."""
+  dst = str(tmp_path / "run")
+  shutil.copytree(src, dst)
+  return dst
 
 
 def read_metrics(workdir):
