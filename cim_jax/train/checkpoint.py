@@ -355,8 +355,10 @@ def restore_state_anywhere(directory, sharding, step=None):
   Works whatever mesh / device count wrote the checkpoint (a warm start on another topology);
   (None, None) when the directory holds no finished checkpoint.
   """
+  # Handlers for every item a run saves, so orbax does not warn about the ones not restored.
   with ocp.CheckpointManager(absolute(directory), item_handlers={
-      "state": ocp.StandardCheckpointHandler()}) as manager:
+      "state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+      "data": grain_checkpoint.CheckpointHandler()}) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       return None, None
