@@ -6,7 +6,6 @@ from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
-from etils import epath
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
