@@ -26,6 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 from cim_jax import config_defaults  # noqa: E402
+from cim_jax import geometry  # noqa: E402
 from cim_jax.data import pairs, pipeline, sources  # noqa: E402
 
 
@@ -64,7 +65,7 @@ def bytes_per_sample(source, batch: int) -> tuple[dict, dict]:
   sample = next(pipeline.make_iterator(config, process_index=0, process_count=1, source=source))
   images = (sample["context"].nbytes + sample["exemplars"].nbytes) / batch
   corners = sample["corners"].nbytes / batch
-  masks = pairs.masks_from_corners(sample["corners"], config.data.context_size)
+  masks = geometry.masks_from_corners(sample["corners"], config.data.context_size)
   masks = masks.astype(np.uint8).nbytes / batch
   return dict(label=corners, total=images + corners), dict(label=masks, total=images + masks)
 

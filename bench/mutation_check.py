@@ -193,7 +193,7 @@ MUTATIONS = [
              "for k, v in batch.items()}",
              (f"{T_FAST}::test_one_grain_worker_gives_identical_batches_and_resumes",),
              "batches from worker processes altered (the shared-memory copy path)"),
-    Mutation("interop_export_online_for_target", "cim_jax/interop.py",
+    Mutation("interop_export_online_for_target", "cim_jax/tools/convert.py",
              'encoder = params["encoder"] if args.which == "online" else target_params["encoder"]',
              'encoder = params["encoder"]',
              (f"{T_LEARN}::test_interop_exports_the_run_workdir",),

@@ -5,17 +5,16 @@ compilation, instead of a traceback (absl's config_flags raises deep inside flag
 """
 
 import logging
+import os
 import sys
+import traceback
+from typing import Callable
 
 import ml_collections
 
 from cim_jax import config_validation
-
-
-class RunStopped(Exception):
-  """A run stopped by a fault it detected, not a bug (a non-finite loss, a checkpoint that could
-  not be written): `run_or_exit` prints `error: <message>` and exits with `exit_status`."""
-  exit_status = 1
+from cim_jax.data import decode
+from cim_jax.errors import ConfigError, RunStopped
 
 
 class _OneLineLibraryErrors(logging.Filter):
@@ -37,10 +36,11 @@ class _OneLineLibraryErrors(logging.Filter):
 
 def configure_logging() -> None:
   """Our INFO lines on stderr; the libraries' absl INFO chatter (orbax, grain) only as warnings."""
+  # force: replaces a handler a library installed on import (ours are INFO, with a time stamp).
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      datefmt="%H:%M:%S")
-  logging.getLogger().setLevel(logging.INFO)  # also when a library installed a handler first
+                      datefmt="%H:%M:%S", force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("jax").setLevel(logging.WARNING)  # e.g. which backends failed to start
   logging.getLogger("absl").addFilter(_OneLineLibraryErrors())
 
 
@@ -52,7 +52,7 @@ def parse(argv: list[str], *, default_config: str, flags: dict[str, str] | None 
   overrides = []
   for arg in argv:
     if not arg.startswith("--") or "=" not in arg:
-      raise config_validation.ConfigError(f"arguments look like --name=value, got {arg!r}")
+      raise ConfigError(f"arguments look like --name=value, got {arg!r}")
     name, value = arg[2:].split("=", 1)
     if name == "config":
       config_path = value
@@ -62,7 +62,7 @@ def parse(argv: list[str], *, default_config: str, flags: dict[str, str] | None 
       flags[name] = value
     else:
       known = ", ".join(["--config", "--config.<key>"] + [f"--{f}" for f in flags])
-      raise config_validation.ConfigError(f"unknown flag --{name}; known flags: {known}")
+      raise ConfigError(f"unknown flag --{name}; known flags: {known}")
   config = config_validation.load_config_file(config_path)
   for key, value in overrides:
     config_validation.apply_override(config, key, value)
@@ -85,15 +85,13 @@ def exit_on_config_error(fn, *args, **kwargs):
   """Calls fn, turning a ConfigError into a one-line message and exit status 2."""
   try:
     return fn(*args, **kwargs)
-  except config_validation.ConfigError as e:
+  except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
 def describe_failure(error: BaseException) -> str:
   """'Type: message (raised at file:line in function[, from cim_jax file:line])': one line."""
-  import os  # pylint: disable=g-import-not-at-top
-  import traceback  # pylint: disable=g-import-not-at-top
   frames = traceback.extract_tb(error.__traceback__)
   message = str(error).strip().splitlines()
   text = f"{type(error).__name__}: {message[0] if message else '(no message)'}"
@@ -108,7 +106,7 @@ def describe_failure(error: BaseException) -> str:
   return text
 
 
-def run_or_exit(fn, *args, user_errors=(config_validation.ConfigError,), **kwargs):
+def run_or_exit(fn, *args, user_errors=(ConfigError,), **kwargs):
   """Calls fn: a ConfigError (a user's mistake; or one of `user_errors`) ends the program with
   `error: ...` and status 2; a RunStopped with `error: ...` and its exit_status; any other
   exception is an internal failure: `internal error: Type:
@@ -122,10 +120,23 @@ def run_or_exit(fn, *args, user_errors=(config_validation.ConfigError,), **kwarg
     print(f"error: {e}", file=sys.stderr)
     sys.exit(e.exit_status)
   except Exception as e:  # pylint: disable=broad-except
-    import traceback  # pylint: disable=g-import-not-at-top
     print(f"internal error: {describe_failure(e)}", file=sys.stderr)
     print("traceback (include it in a bug report):", file=sys.stderr)
     traceback.print_exception(e, file=sys.stderr)
     print(f"internal error: {describe_failure(e)}", file=sys.stderr)
     sys.stderr.flush()
     sys.exit(1)
+
+
+def run_tool(main: Callable, *, prog: str, default_config: str = "configs/cim_vit_tiny.py",
+        flags: dict[str, str] | None = None):
+  """Entry point in the style of pre-training: `--config=FILE --config.key=value [--flag=...]`.
+
+  Calls `main(config, **flags)`. The user's mistakes (a ConfigError, a path that does not exist,
+  an image that cannot be decoded) end the program with `error: ...` and status 2; anything else
+  is an internal failure, named with where it was raised, status 1 (see run_or_exit).
+  """
+  config, flag_values = parse_or_exit(sys.argv[1:], default_config=default_config,
+                                          flags=dict(flags or {}), validate=False, prog=prog)
+  return run_or_exit(main, config, **flag_values,
+                         user_errors=(ConfigError, FileNotFoundError, decode.UndecodableImage))

@@ -10,11 +10,11 @@ import importlib.util
 import math
 import os
 
+import jax
 import ml_collections
 
-
-class ConfigError(ValueError):
-  """A config file, override or value that cannot be used; the message names the key."""
+from cim_jax.errors import ConfigError
+from cim_jax.models import vit
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -109,7 +109,6 @@ def _check_range(config, key: str, lo_min: float, hi_max: float) -> None:
 
 def validate(config: ml_collections.ConfigDict, *, device_count: int | None = None) -> None:
   """Checks values that no compilation could survive; `device_count` defaults to jax's."""
-  from cim_jax.models import vit  # pylint: disable=g-import-not-at-top
 
   m, d, o = config.model, config.data, config.optim
   try:
@@ -119,7 +118,6 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
   patch = sizes["patch_size"]
   _check(config.batch_size > 0, f"config.batch_size={config.batch_size} must be positive")
   if device_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
     device_count = jax.device_count()
   _check(config.batch_size % device_count == 0,
          f"config.batch_size={config.batch_size} is not divisible by the {device_count} devices")

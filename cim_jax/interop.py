@@ -1,11 +1,6 @@
-r"""Import the authors' PyTorch CIM checkpoints; export encoders as timm state dicts.
+"""The authors' PyTorch CIM checkpoints <-> our parameter trees; encoders <-> timm state dicts.
 
-    python -m cim_jax.interop import --checkpoint cim_base.pth --variant B/16 \
-        --output params.msgpack
-    python -m cim_jax.interop export --params params.msgpack --variant B/16 --which target \
-        --output vit_b16_cim.safetensors
-    python -m cim_jax.interop export --workdir /runs/cim_b16 --variant B/16 --output vit.safetensors
-
+Key maps, readers and writers only; the command line is `python -m cim_jax.tools.convert`.
 torch is needed only here (and in tests); it is imported lazily, and checkpoints are read with
 `torch.load(..., weights_only=True)`, which never executes pickled code.
 """
@@ -13,15 +8,13 @@ torch is needed only here (and in tests); it is imported lazily, and checkpoints
 import argparse
 import logging
 import os
-import pickle
 import re
-from typing import Optional
 
 import jax
 import numpy as np
 from flax import serialization, traverse_util
 
-from cim_jax.config_validation import ConfigError
+from cim_jax.errors import ConfigError
 from cim_jax.models import vit as vit_lib
 
 # Authors' global-loss heads: nn.Sequential index per Linear / BatchNorm (docs/METHOD.md §6).
@@ -204,7 +197,7 @@ def load_torch_state_dict(path: str) -> dict:
           for k, v in state.items()}
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
   """One line for a loading error; for a refused pickle, the global it asked for."""
   refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
   if refused:
@@ -343,78 +336,6 @@ def save_state_dict(state: dict, path: str):
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, path)
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line.
-
-def _build_model(variant: str, global_loss: bool, context_size: int, exemplar_size: int):
-  from cim_jax import config_defaults  # pylint: disable=import-outside-toplevel
-  from cim_jax.models import cim  # pylint: disable=import-outside-toplevel
-  config = config_defaults.pretrain_config("base")
-  config.model.variant = variant
-  config.model.global_loss_weight = 1.0 if global_loss else 0.0
-  config.data.context_size = context_size
-  config.data.exemplar_size = exemplar_size
-  return cim.build_model(config.model, config.data)
-
-
-def main(argv: Optional[list] = None):
-  parser = argparse.ArgumentParser(prog="python -m cim_jax.interop", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="command", required=True)
-  imp = sub.add_parser("import", help="authors' .pth -> flax msgpack {params, target_params, "
-                                      "model_state}")
-  imp.add_argument("--checkpoint", required=True)
-  imp.add_argument("--output", required=True)
-  exp = sub.add_parser("export", help="encoder -> timm state dict (.safetensors or .pth)")
-  src = exp.add_mutually_exclusive_group(required=True)
-  src.add_argument("--params", help="msgpack written by `import` (or by cim_jax.interop.save)")
-  src.add_argument("--checkpoint", help="an authors' .pth, converted directly")
-  src.add_argument("--workdir", help="a pre-training work dir of this project (latest checkpoint)")
-  exp.add_argument("--which", choices=("online", "target"), default="online")
-  exp.add_argument("--output", required=True)
-  for p in (imp, exp):
-    p.add_argument("--variant", default="B/16")
-    p.add_argument("--global-loss", action="store_true",
-                   help="the checkpoint's global-loss heads are imported too")
-    p.add_argument("--context-size", type=int, default=160)
-    p.add_argument("--exemplar-size", type=int, default=64)
-  args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
-  model = _build_model(args.variant, args.global_loss, args.context_size, args.exemplar_size)
-
-  if args.command == "import" or args.checkpoint:
-    try:
-      state_dict = load_torch_state_dict(args.checkpoint)
-    except (FileNotFoundError, ValueError, pickle.UnpicklingError) as e:
-      message = _first_line(e)
-      if args.checkpoint not in message:
-        message = f"{args.checkpoint}: {message}"
-      parser.exit(2, f"error: {message}\n")
-    params, target_params, model_state = import_authors_state_dict(state_dict, model)
-  elif args.workdir:
-    from cim_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
-    restored = checkpoint.load_warm_start(
-        args.workdir, model, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    params, target_params = restored["params"], restored["target_params"]
-  else:
-    restored = load_params(args.params)
-    params, target_params = restored["params"], restored["target_params"]
-  if args.command == "import":
-    save(args.output, params, target_params, model_state)
-    print(f"wrote {args.output} ({args.variant}; params, target_params, model_state)")
-    return
-  encoder = params["encoder"] if args.which == "online" else target_params["encoder"]
-  state = encoder_to_timm(encoder, cls_token=params["encoder"]["cls_token"],
-                          pos_embed_grid=model.encoder.pos_embed_grid)
-  save_state_dict(state, args.output)
-  try:
-    target_model = f"timm.create_model({timm_model_name(args.variant)!r}, num_classes=0)"
-  except ValueError:
-    target_model = f"a timm VisionTransformer({vit_lib.decode_variant(args.variant)})"
-  print(f"wrote {args.output}: {args.which} encoder, {len(state)} tensors, loads strictly into "
-        f"{target_model}")
-
-
 def save(path: str, params, target_params, model_state):
   """Write {params, target_params, model_state} as a flax msgpack file."""
   tree = {"params": params, "target_params": target_params, "model_state": model_state}
@@ -429,4 +350,5 @@ def load_params(path: str) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  raise SystemExit("error: python -m cim_jax.interop moved to python -m cim_jax.tools.convert "
+                   "(same arguments)")

@@ -17,6 +17,10 @@ import sys
 
 from cim_jax import cli
 from cim_jax import config_validation
+from cim_jax import sharding
+from cim_jax.evaluate import report
+from cim_jax.train import loop
+from cim_jax.train import preflight
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,18 +34,14 @@ def main(argv: list[str] | None = None) -> None:
     print("error: --workdir=DIR is required (checkpoints, logs and the report go there)",
           file=sys.stderr)
     sys.exit(2)
-  from cim_jax import sharding  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed()
   cli.exit_on_config_error(config_validation.validate_pretraining, config)
-  cli.configure_logging()  # before the imports below: one of them installs a WARNING handler
-  from cim_jax import preflight  # pylint: disable=g-import-not-at-top
+  cli.configure_logging()
   cli.exit_on_config_error(preflight.check_pretraining, config, flags["workdir"])
 
   try:
-    from cim_jax.train import loop  # pylint: disable=g-import-not-at-top
     evaluate = None
     if config.eval.pretext_iou or config.eval.knn or config.eval.visualize:
-      from cim_jax.evaluate import report  # pylint: disable=g-import-not-at-top
       evaluate = report.evaluate_run
     metrics = cli.run_or_exit(loop.train_and_evaluate, config, flags["workdir"],
                               evaluate=evaluate)

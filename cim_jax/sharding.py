@@ -76,6 +76,11 @@ def make_mesh(fsdp: int = 1) -> Mesh:
   return Mesh(devices, ("data", "fsdp"))
 
 
+def local_data_mesh() -> Mesh:
+  """A one-axis ('data',) mesh over this process's devices (evaluation: no parameter sharding)."""
+  return Mesh(np.asarray(jax.local_devices()), ("data",))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over every device."""
   return NamedSharding(mesh, P(DATA_AXES))

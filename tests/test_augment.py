@@ -10,8 +10,10 @@ import pytest
 from PIL import Image, ImageOps
 from timm.data import auto_augment as timm_aa
 
+from cim_jax.data import labelled
+from cim_jax import cli
 from cim_jax.data import photometric
-from cim_jax.evaluate import augment
+from cim_jax.data import augment
 
 LEVELS = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0.3, 2.5, 4.99, 7.5, 9.2, 9.75, 9.999]
 SIZES = [(1, 1), (3, 900), (900, 3), (64, 48), (1, 5), (2, 2)]  # (height, width)
@@ -127,7 +129,7 @@ def test_a_crash_inside_the_finetuning_pipeline_is_internal_not_a_config_error(
     monkeypatch, capsys, tmp_path):
   """An op failing inside the grain pipeline: `internal error: <type>: <message> (raised at
   <file>:<line> ...)` and exit 1, not the `error: ...` / exit 2 of a user's mistake."""
-  from cim_jax.evaluate import common, finetune  # pylint: disable=g-import-not-at-top
+  from cim_jax.evaluate import finetune  # pylint: disable=g-import-not-at-top
 
   def broken(image, level, rng):
     raise ValueError("bits must be between or equal to 1 and 8")
@@ -135,14 +137,14 @@ def test_a_crash_inside_the_finetuning_pipeline_is_internal_not_a_config_error(
   monkeypatch.setattr(augment, "RAND_INCREASING_OPS",
                       {name: broken for name in augment.RAND_INCREASING_OPS})
   images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
-  source = common.LabelledRecords(common.Labelled(images, np.arange(8) % 2, 2))
+  source = labelled.LabelledRecords(labelled.Labelled(images, np.arange(8) % 2, 2))
   monkeypatch.setattr(finetune, "labelled_sources", lambda config: (source, source, 2))
   monkeypatch.setattr("sys.argv", [
       "finetune", "--config=configs/finetune_vit_tiny.py", f"--workdir={tmp_path}",
       "--config.batch_size=8", "--config.num_train_steps=1", "--config.data.image_size=16",
       "--config.data.randaug_num_ops=2", "--config.progress_bar=false"])
   with pytest.raises(SystemExit) as exit_info:
-    common.run(finetune.main, prog="cim_jax.evaluate.finetune",
+    cli.run_tool(finetune.main, prog="cim_jax.evaluate.finetune",
                default_config="configs/finetune_vit_tiny.py",
                flags={"workdir": "", "eval_only": "false"})
   assert exit_info.value.code == 1

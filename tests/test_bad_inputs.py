@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cim_jax import errors
 from cim_jax import config_defaults
 from cim_jax.data import decode
 from cim_jax.data import pipeline
@@ -306,7 +307,7 @@ def test_impossible_values_quoted_in_the_fault_matrix(override, message):
   from train_fixtures import REPO  # pylint: disable=g-import-not-at-top
   config, _ = cli.parse([f"--config={os.path.join(REPO, 'configs', 'demo.py')}", override],
                         default_config="", flags={"workdir": ""}, validate=False)
-  with pytest.raises(config_validation.ConfigError) as error:
+  with pytest.raises(errors.ConfigError) as error:
     config_validation.validate(config, device_count=1)
   assert str(error.value) == message
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from cim_jax import errors
 from cim_jax import config_validation
 from cim_jax.cli import parse
 
@@ -82,17 +83,17 @@ def test_overrides_are_typed():
     (["--config.data.context_size=150"], "config.data.context_size=150 must be a positive multiple"),
 ])
 def test_bad_values_name_the_key(args, message):
-  with pytest.raises(config_validation.ConfigError, match=None) as e:
+  with pytest.raises(errors.ConfigError, match=None) as e:
     _parse(*args, device_count=8)
   assert message in str(e.value)
   assert "\n" not in str(e.value)
 
 
 def test_unknown_flag_and_missing_file():
-  with pytest.raises(config_validation.ConfigError, match="unknown flag --wokdir"):
+  with pytest.raises(errors.ConfigError, match="unknown flag --wokdir"):
     parse(["--wokdir=x"], default_config=os.path.join(ROOT, "configs/demo.py"),
           flags={"workdir": ""}, validate=False)
-  with pytest.raises(config_validation.ConfigError, match="config file not found"):
+  with pytest.raises(errors.ConfigError, match="config file not found"):
     parse(["--config=configs/nope.py"], default_config="", validate=False)
 
 

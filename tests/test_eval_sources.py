@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cim_jax.data import labelled
 from cim_jax.data import sources
-from cim_jax.evaluate import augment, common, finetune, knn, linear_probe
+from cim_jax.data import augment
+from cim_jax.evaluate import finetune, knn, linear_probe
 from tests import train_fixtures  # registers the tiny "Mu" ViT size
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,12 +43,12 @@ def digit_folders(tmp_path_factory):
   return str(root / "train"), str(root / "test")
 
 
-def in_memory(records: common.LabelledRecords) -> common.Labelled:
+def in_memory(records: labelled.LabelledRecords) -> labelled.Labelled:
   """The same images read one by one and given the evaluation transform, as one array."""
   items = [records[i] for i in range(len(records))]
   images = np.stack([augment.eval_transform(item["image"], SIZE, CROP_PCT) for item in items])
   labels = np.array([item["label"] for item in items], np.int32)
-  return common.Labelled(images, labels, records.num_classes)
+  return labelled.Labelled(images, labels, records.num_classes)
 
 
 def eval_config(**eval_overrides):
@@ -61,7 +63,7 @@ def eval_config(**eval_overrides):
 
 
 def test_streamed_imagefolder_matches_in_memory_arrays(digit_folders):
-  train, test = common.imagefolder_splits(*digit_folders, ("train_root", "eval_root"))
+  train, test = labelled.imagefolder_splits(*digit_folders, ("train_root", "eval_root"))
   assert train.num_classes == 4 and train.class_names == ("digit_0", "digit_1", "digit_6",
                                                           "digit_7")
   train_arrays, test_arrays = in_memory(train), in_memory(test)
@@ -90,8 +92,8 @@ def test_knn_and_probe_of_an_encoder_on_imagefolder(digit_folders):
   config = eval_config(labelled_source="imagefolder", train_root=digit_folders[0],
                        eval_root=digit_folders[1], probe_epochs=5, probe_warmup_epochs=1,
                        probe_batch_size=32)
-  train, test = common.eval_splits(config)
-  assert isinstance(train, common.LabelledRecords) and len(test) == 48
+  train, test = labelled.eval_splits(config)
+  assert isinstance(train, labelled.LabelledRecords) and len(test) == 48
   kwargs = dict(knn.eval_kwargs(config), ks=(10,))
   streamed = knn.knn_accuracy(None, config.model, train, test, **kwargs)
   arrays = knn.knn_accuracy(None, config.model, in_memory(train), in_memory(test), **kwargs)
@@ -112,7 +114,7 @@ def test_labelled_tfds_fixture_reads_through_the_same_path():
   config = eval_config(labelled_source="tfds", tfds_name="cim_tiny_photos",
                        tfds_train_split="train", tfds_eval_split="validation",
                        tfds_data_dir=TFDS_DIR)
-  train, test = common.eval_splits(config)
+  train, test = labelled.eval_splits(config)
   assert (len(train), len(test), train.num_classes) == (6, 2, 2)
   feats, labels = knn.labelled_features(flatten_pixels, train, image_size=SIZE, batch_size=4,
                                         crop_pct=CROP_PCT)
@@ -176,7 +178,7 @@ def finetune_config(**data_overrides):
 ])
 def test_bad_eval_source_config_is_named(overrides, error, message):
   with pytest.raises(error, match=message):
-    common.eval_splits(eval_config(**overrides))
+    labelled.eval_splits(eval_config(**overrides))
 
 
 def test_imagefolder_class_folders_must_agree(tmp_path, digit_folders):
@@ -184,7 +186,7 @@ def test_imagefolder_class_folders_must_agree(tmp_path, digit_folders):
   other.mkdir(parents=True)
   Image.new("RGB", (8, 8)).save(other / "a.png")
   with pytest.raises(ValueError, match="class folders differ: 4 under .*, 1 under"):
-    common.imagefolder_splits(digit_folders[0], str(tmp_path / "other"), ("a", "b"))
+    labelled.imagefolder_splits(digit_folders[0], str(tmp_path / "other"), ("a", "b"))
   with pytest.raises(ValueError, match="fine-tuning reads 'embedded', 'imagefolder' or 'tfds'"):
     finetune.labelled_sources(finetune_config(source="csv"))
 
@@ -206,7 +208,7 @@ def test_undecodable_evaluation_image_is_named(tmp_path):
     (tmp_path / split / "cats").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / split / "cats" / "good.png")
   (tmp_path / "test" / "cats" / "broken.png").write_bytes(b"not a png")
-  _, test = common.imagefolder_splits(str(tmp_path / "train"), str(tmp_path / "test"),
+  _, test = labelled.imagefolder_splits(str(tmp_path / "train"), str(tmp_path / "test"),
                                       ("a", "b"))
   with pytest.raises(ValueError, match=r"cannot decode evaluation image .*broken\.png"):
     knn.labelled_features(flatten_pixels, test, image_size=8, batch_size=2)

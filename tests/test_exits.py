@@ -13,8 +13,9 @@ import time
 import pytest
 from PIL import Image
 
+from cim_jax import errors
 from cim_jax import config_validation
-from cim_jax import preflight
+from cim_jax.train import preflight
 from cim_jax.data import sources
 from train_fixtures import committed, read_metrics, REPO, subprocess_env, tiny_config
 
@@ -88,7 +89,7 @@ def _config(**data):
 ])
 def test_bad_imagefolder_root_is_one_config_error(tmp_path, make, message):
   root = make(tmp_path)
-  with pytest.raises(config_validation.ConfigError, match=message.format(root).replace("(", r"\(")):
+  with pytest.raises(errors.ConfigError, match=message.format(root).replace("(", r"\(")):
     preflight.check_pretraining(_config(source="imagefolder", root=root), str(tmp_path / "w"))
 
 
@@ -96,12 +97,12 @@ def test_bad_heldout_root_tfds_init_from_and_workdir(tmp_path):
   root = write_images(tmp_path / "imgs")
   workdir = str(tmp_path / "w")
   check = preflight.check_pretraining
-  with pytest.raises(config_validation.ConfigError, match="config.data.heldout_root=.* does not"):
+  with pytest.raises(errors.ConfigError, match="config.data.heldout_root=.* does not"):
     check(_config(source="imagefolder", root=root, heldout_root=str(tmp_path / "no")), workdir)
   fixture = os.path.join(TESTS, "fixtures", "tfds")
-  with pytest.raises(config_validation.ConfigError, match="'imagenet2012': not prepared in"):
+  with pytest.raises(errors.ConfigError, match="'imagenet2012': not prepared in"):
     check(_config(source="tfds", tfds_name="imagenet2012", tfds_data_dir=fixture), workdir)
-  with pytest.raises(config_validation.ConfigError,
+  with pytest.raises(errors.ConfigError,
                      match=r"tfds_split='test'.*prepared splits: train, validation"):
     check(_config(source="tfds", tfds_name="cim_tiny_photos", tfds_data_dir=fixture,
                   tfds_split="test"), workdir)
@@ -111,9 +112,9 @@ def test_bad_heldout_root_tfds_init_from_and_workdir(tmp_path):
                              (str(tmp_path), "no finished checkpoint in"),
                              (os.path.join(root, "a", "0.jpg"), "not a work dir or a weights")]:
     config = tiny_config(init_from=init_from)
-    with pytest.raises(config_validation.ConfigError, match=f"config.init_from=.*{message}"):
+    with pytest.raises(errors.ConfigError, match=f"config.init_from=.*{message}"):
       check(config, workdir)
-  with pytest.raises(config_validation.ConfigError, match="--workdir=.* cannot be written"):
+  with pytest.raises(errors.ConfigError, match="--workdir=.* cannot be written"):
     check(tiny_config(), os.path.join(root, "a", "0.jpg", "run"))
   check(tiny_config(), workdir)
   assert os.path.isdir(workdir) and os.listdir(workdir) == []  # created, probe removed

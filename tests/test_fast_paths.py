@@ -10,9 +10,12 @@ import jax
 import numpy as np
 import pytest
 
+from cim_jax.models import vit
+from cim_jax.train import metrics as metrics_lib
+from cim_jax.data import labelled
 from cim_jax import config_defaults
 from cim_jax.data import pipeline
-from cim_jax.evaluate import common, finetune, knn
+from cim_jax.evaluate import finetune, knn
 from cim_jax.models import cim
 from train_fixtures import committed
 from train_fixtures import compilation_cache  # pylint: disable=unused-import  (autouse fixture)
@@ -76,7 +79,7 @@ def test_finetune_resume_is_exact(tmp_path, monkeypatch, tiny_classifier):
   straight = finetune.finetune(config, str(tmp_path / "a"))
   # The same run crashes after step 2 (checkpointed), then restarts on its work dir: one
   # configuration, so one compilation serves all three runs.
-  progress = common.progress
+  progress = metrics_lib.progress
 
   def crash_after_two(steps, **kwargs):
     for step in progress(steps, **kwargs):
@@ -85,7 +88,7 @@ def test_finetune_resume_is_exact(tmp_path, monkeypatch, tiny_classifier):
       yield step
 
   with monkeypatch.context() as mp:
-    mp.setattr(common, "progress", crash_after_two)
+    mp.setattr(metrics_lib, "progress", crash_after_two)
     with pytest.raises(_Crash):
       finetune.finetune(config, str(tmp_path / "b"))
   assert committed(str(tmp_path / "b"), 2) and not committed(str(tmp_path / "b"), 4)
@@ -101,8 +104,8 @@ def test_finetune_resume_is_exact(tmp_path, monkeypatch, tiny_classifier):
 
 def test_knn_mean_pool_is_the_mean_of_patch_tokens(monkeypatch):
   config = tiny_pretrain_config()
-  encoder = common.build_encoder(config.model)
-  params = common.init_encoder_params(encoder, 32, seed=0)
+  encoder = vit.encoder_from_config(config.model)
+  params = vit.init_encoder_params(encoder, 32, seed=0)
   images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), np.uint8)
   tokens, _ = encoder.apply({"params": params}, cim.normalize_images(images), train=False)
   tokens = np.asarray(tokens)
@@ -123,7 +126,7 @@ def test_knn_mean_pool_is_the_mean_of_patch_tokens(monkeypatch):
 
   monkeypatch.setattr(knn, "encoder_feature_fn", spy)
   labels = np.array([0, 1, 0, 1, 0], np.int32)
-  data = common.Labelled(images, labels, 2)
+  data = labelled.Labelled(images, labels, 2)
   config.eval.feature_pool = "mean"
   kwargs = dict(knn.eval_kwargs(config), image_size=32, batch_size=8)
   assert kwargs["pool"] == "mean"

@@ -6,9 +6,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from cim_jax.data import labelled
 from cim_jax import config_defaults
 from cim_jax.data import sources
-from cim_jax.evaluate import augment, common, finetune, finetune_lib
+from cim_jax.data import augment
+from cim_jax.evaluate import finetune, finetune_lib
 
 DEPTH = 2
 
@@ -53,7 +55,7 @@ def tiny_labelled_subset(monkeypatch, num=16):
   keep = np.flatnonzero(digits.target < 4)[:num]
   images = np.repeat((digits.images[keep] * 15.9).astype(np.uint8)[..., None], 3, axis=-1)
   images = np.stack([np.kron(im, np.ones((2, 2, 1), np.uint8)) for im in images])  # 16x16
-  source = common.LabelledRecords(common.Labelled(images, digits.target[keep].astype(np.int32), 4))
+  source = labelled.LabelledRecords(labelled.Labelled(images, digits.target[keep].astype(np.int32), 4))
   monkeypatch.setattr(finetune, "labelled_sources", lambda config: (source, source, 4))
   return source
 
@@ -194,7 +196,7 @@ def test_checkpoint_of_another_variant_or_head(tmp_path, monkeypatch, tiny_class
   with pytest.raises(ValueError, match=r"holds a fine-tuned Ti/16 but model.variant='S/16'"):
     finetune.finetune(other, str(tmp_path))
   monkeypatch.setattr(finetune, "labelled_sources",
-                      lambda c: (common.LabelledRecords(common.Labelled(
+                      lambda c: (labelled.LabelledRecords(labelled.Labelled(
                           np.zeros((2, 16, 16, 3), np.uint8), np.array([0, 6]), 7)),) * 2 + (7,))
   with pytest.raises(ValueError, match="head of 4 classes but the labelled data has 7"):
     finetune.finetune(tiny_config(steps=1), str(tmp_path))

@@ -14,6 +14,7 @@ from cim_jax.models import cim, heads as heads_lib
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 from cim_jax import interop  # noqa: E402
+from cim_jax.tools import convert  # noqa: E402
 
 from torch_reference import (  # noqa: E402  pylint: disable=wrong-import-position
     CONTEXT, DEPTH, EXEMPLAR, HEADS, NUM, PATCH, WIDTH, authors_state_dict as _authors_state_dict,
@@ -187,7 +188,7 @@ def test_loader_never_runs_pickled_code(tmp_path, monkeypatch, capsys):
   with pytest.raises(pickle.UnpicklingError):
     interop.load_torch_state_dict(hidden)
   with pytest.raises(SystemExit) as exit_info:
-    interop.main(["import", "--variant", "Ti/16", "--checkpoint", hidden,
+    convert.main(["import", "--variant", "Ti/16", "--checkpoint", hidden,
                   "--output", str(tmp_path / "out.msgpack")])
   assert exit_info.value.code == 2
   message = capsys.readouterr().err
@@ -197,16 +198,16 @@ def test_loader_never_runs_pickled_code(tmp_path, monkeypatch, capsys):
 
 def test_command_import_then_export_to_timm(tmp_path):
   """Ti/16 with the default decoder: a release-format .pth -> msgpack -> timm safetensors -> timm."""
-  model = interop._build_model("Ti/16", False, 160, 64)
+  model = convert._build_model("Ti/16", False, 160, 64)
   params, state = jax.jit(model.init_variables)(jax.random.key(0))
   target = jax.tree.map(lambda x: x * 0.5, model.target_params_from(params))
   target["encoder"]["cls_token"] = params["encoder"]["cls_token"]
   sd = interop.export_authors_state_dict(params, target, state, model)
   _save_like_release({k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
                      str(tmp_path / "cim.pth"))
-  interop.main(["import", "--variant", "Ti/16", "--checkpoint", str(tmp_path / "cim.pth"),
+  convert.main(["import", "--variant", "Ti/16", "--checkpoint", str(tmp_path / "cim.pth"),
                 "--output", str(tmp_path / "cim.msgpack")])
-  interop.main(["export", "--variant", "Ti/16", "--params", str(tmp_path / "cim.msgpack"),
+  convert.main(["export", "--variant", "Ti/16", "--params", str(tmp_path / "cim.msgpack"),
                 "--which", "target", "--output", str(tmp_path / "target.safetensors")])
   from safetensors.torch import load_file
   reference = timm.create_model(interop.timm_model_name("Ti/16"), pretrained=False, num_classes=0)
@@ -224,7 +225,7 @@ def test_command_exports_a_training_run(tmp_path):
   workdir = str(tmp_path / "run")
   loop.train(config, workdir)
   output = str(tmp_path / "target.safetensors")
-  interop.main(["export", "--workdir", workdir, "--variant", config.model.variant, "--which",
+  convert.main(["export", "--workdir", workdir, "--variant", config.model.variant, "--which",
                 "target", "--output", output])
   fields = interop.vit_lib.decode_variant(config.model.variant)
   reference = timm.models.vision_transformer.VisionTransformer(

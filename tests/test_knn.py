@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from cim_jax.evaluate import common, knn
+from cim_jax.train import warm_start
+from cim_jax.models import vit
+from cim_jax.data import labelled
+from cim_jax.evaluate import knn
 
 
 def brute_force_knn_scores(train_feats, train_labels, test_feats, k, temperature, num_classes):
@@ -30,9 +33,9 @@ def digits_raw_pixels(classes):
   digits = load_digits()
   keep = np.isin(digits.target, classes)
   labels = np.searchsorted(np.asarray(classes), digits.target[keep])
-  data = common.Labelled(common.to_uint8_rgb(digits.images[keep]), labels.astype(np.int32),
+  data = labelled.Labelled(labelled.to_uint8_rgb(digits.images[keep]), labels.astype(np.int32),
                          len(classes))
-  return common.stratified_split(data, 0.3, seed=0)
+  return labelled.stratified_split(data, 0.3, seed=0)
 
 
 def flatten_pixels(images):
@@ -127,8 +130,8 @@ def _tiny_vit_setup():
   train, test = digits_raw_pixels([0, 1, 6, 7])
   train = train.subset(np.arange(0, len(train.labels), 4))  # ~120 images keep the test fast
   size = 32
-  train = common.Labelled(common.resize_images(train.images, size), train.labels, 4)
-  test = common.Labelled(common.resize_images(test.images, size), test.labels, 4)
+  train = labelled.Labelled(labelled.resize_images(train.images, size), train.labels, 4)
+  test = labelled.Labelled(labelled.resize_images(test.images, size), test.labels, 4)
   return model_cfg, train, test, size
 
 
@@ -138,17 +141,17 @@ def test_knn_accuracy_of_random_and_given_encoder():
   kwargs = dict(ks=(10,), image_size=size, batch_size=64, encoder_overrides=overrides)
   random_result = knn.knn_accuracy(None, model_cfg, train, test, seed=3, **kwargs)
   assert set(random_result) == {"k10/top1"}  # 4 classes: no top-5
-  encoder = common.build_encoder(model_cfg, **overrides)
-  params = common.init_encoder_params(encoder, size, seed=3)
+  encoder = vit.encoder_from_config(model_cfg, **overrides)
+  params = vit.init_encoder_params(encoder, size, seed=3)
   assert knn.knn_accuracy(params, model_cfg, train, test, **kwargs) == random_result
-  other = common.init_encoder_params(encoder, size, seed=4)
+  other = vit.init_encoder_params(encoder, size, seed=4)
   mean_pool = knn.knn_accuracy(other, model_cfg, train, test, pool="mean", **kwargs)
   assert 0.0 <= mean_pool["k10/top1"] <= 100.0
 
 
 def test_checkpoint_of_another_variant_is_named():
   from cim_jax import config_defaults
-  small = common.build_encoder(config_defaults.model_config("S/16"), depth=2)
-  params = common.init_encoder_params(small, 32, seed=0)
+  small = vit.encoder_from_config(config_defaults.model_config("S/16"), depth=2)
+  params = vit.init_encoder_params(small, 32, seed=0)
   with pytest.raises(ValueError, match=r"depth 2, width 384.*'Ti/16' needs depth 12, width 192"):
-    common.check_encoder_params(params, config_defaults.model_config("Ti/16"), "run_dir")
+    warm_start.check_encoder_params(params, config_defaults.model_config("Ti/16"), "run_dir")

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cim_jax.evaluate import knn, pretext, report
+from cim_jax.evaluate import knn, pretext, report, visualize
+from cim_jax.tools import convert
 from cim_jax.train import loop
 from train_fixtures import compilation_cache  # pylint: disable=unused-import  (autouse fixture)
 from train_fixtures import learning_config, read_checkpoint, read_metrics
@@ -49,7 +50,7 @@ def run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("learning"))
   config = _config()
   calls = {"pretext": [], "knn": [], "result": []}
-  real_pretext = pretext.evaluate_pretext
+  real_pretext = visualize.evaluate_pretext
 
   def spy_pretext(model, params, target_params, model_state, pairs, **kwargs):
     calls["pretext"].append((kwargs.get("title", ""), _flat(params), _flat(target_params)))
@@ -64,7 +65,7 @@ def run(tmp_path_factory):
     return report.evaluate_run(result)
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(pretext, "evaluate_pretext", spy_pretext)
+    mp.setattr(visualize, "evaluate_pretext", spy_pretext)
     mp.setattr(knn, "knn_accuracy", spy_knn)
     metrics = loop.train_and_evaluate(config, workdir, evaluate)
   (result,) = calls["result"]
@@ -117,7 +118,7 @@ def test_interop_exports_the_run_workdir(run, tmp_path):
   from cim_jax import interop  # pylint: disable=g-import-not-at-top
   config = run["config"]
   output = str(tmp_path / "target.safetensors")
-  interop.main(["export", "--workdir", run["workdir"], "--variant", config.model.variant,
+  convert.main(["export", "--workdir", run["workdir"], "--variant", config.model.variant,
                 "--which", "target", "--output", output])
   exported = load_file(output)
   saved = read_checkpoint(run["workdir"])

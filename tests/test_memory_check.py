@@ -13,9 +13,9 @@ import train_fixtures
 from test_finetune import tiny_classifier, tiny_config, tiny_labelled_subset  # pylint: disable=unused-import
 
 from cim_jax import cli
-from cim_jax.config_validation import ConfigError
+from cim_jax.errors import ConfigError
 from cim_jax.evaluate import finetune
-from cim_jax.tools import memory
+from cim_jax.train import memory
 from cim_jax.train import loop
 from cim_jax.train import step as step_lib
 

@@ -11,6 +11,7 @@ import pytest
 import skimage.data
 
 from cim_jax import config_defaults
+from cim_jax.geometry import masks_from_corners
 from cim_jax.data import pairs, photometric, sources
 
 SPEC = pairs.PairSpec()
@@ -59,7 +60,7 @@ def warp_from(image, dst_to_src, size):
 def registration_errors(pair, geometry, spec, shift=0.0):
   """Mean |exemplar warped back - context| over each mask's interior (optionally misregistered)."""
   c = spec.context_size
-  masks = pairs.masks_from_corners(pair["corners"], c)
+  masks = masks_from_corners(pair["corners"], c)
   errors = []
   for k, affine in enumerate(exemplar_to_context(geometry, spec)):
     affine = affine + np.array([[0, 0, shift], [0, 0, 0]])
@@ -98,7 +99,7 @@ def test_label_corners_are_the_exemplar_tl_tr_br_bl(exemplar_geometry):
   image = smooth_image()
   for seed in range(4):
     pair = pairs.make_pair(image, np.random.default_rng(seed), spec)
-    masks = pairs.masks_from_corners(pair["corners"], c)
+    masks = masks_from_corners(pair["corners"], c)
     for k, (tl, tr, br, bl) in enumerate(np.asarray(pair["corners"], np.float64)):
       affine = np.stack([(tr - tl) / e, (bl - tl) / e, tl], axis=1)  # exemplar grid -> context
       np.testing.assert_allclose(affine[:, :2] @ [e, e] + tl, br, atol=1e-3)
@@ -161,7 +162,7 @@ def test_rotated_box_inside_search_and_mask_area_matches(name, exemplar_geometry
       assert (area_fraction <= 1 + 1e-9).all()
     area = area_fraction * c**2
     perimeter = 2 * (width + height) * c / s
-    mask_area = pairs.masks_from_corners(pair["corners"], c).sum(axis=(1, 2))
+    mask_area = masks_from_corners(pair["corners"], c).sum(axis=(1, 2))
     assert (np.abs(mask_area - area) <= 0.5 * perimeter + 2).all()
     # Independent rasterisation: pixel centres mapped into the exemplar grid in float64.
     affine = exemplar_to_context(geometry, spec)
@@ -170,7 +171,7 @@ def test_rotated_box_inside_search_and_mask_area_matches(name, exemplar_geometry
       grid = np.linalg.solve(affine[k, :, :2], (centres - affine[k, :, 2]).reshape(-1, 2).T).T
       inside = ((grid >= -1e-4) & (grid <= e + 1e-4)).all(1).reshape(c, c)
       sure = ((grid >= 1e-4) & (grid <= e - 1e-4)).all(1).reshape(c, c)
-      mask = pairs.masks_from_corners(pair["corners"][k], c)
+      mask = masks_from_corners(pair["corners"][k], c)
       assert (mask <= inside).all() and (mask >= sure).all()
 
 
@@ -374,7 +375,7 @@ def test_release_geometry_matches_an_independent_restatement_of_the_authors_samp
     corners.append(pair["corners"])
     boxes.append(geometry.boxes)
   corners, boxes = np.concatenate(corners), np.concatenate(boxes)
-  label = np.concatenate([pairs.masks_from_corners(part, c).mean(axis=(1, 2))
+  label = np.concatenate([masks_from_corners(part, c).mean(axis=(1, 2))
                           for part in np.array_split(corners, 5)])
   ours = distribution(label, boxes[:, 2], boxes[:, 3], s)
 
@@ -388,7 +389,7 @@ def test_release_geometry_matches_an_independent_restatement_of_the_authors_samp
                              dataclasses.replace(spec, exemplar_geometry="drawn_box"))
   drawn_corners = (pairs.exemplar_affines(drawn, 64)
                    @ np.array([[0, 64, 64, 0], [0, 0, 64, 64], [1, 1, 1, 1]])) * (c / s)
-  drawn_label = pairs.masks_from_corners(np.swapaxes(drawn_corners, 1, 2), c).mean(axis=(1, 2))
+  drawn_label = masks_from_corners(np.swapaxes(drawn_corners, 1, 2), c).mean(axis=(1, 2))
   drawn_stats = distribution(drawn_label, drawn[:, 2], drawn[:, 3], s)
   assert restated["label_mean"] - drawn_stats["label_mean"] > 0.05
   assert {"label_mean", "label_q1", "area_mean", "log_aspect_q1"} <= set(
@@ -545,8 +546,8 @@ def test_masks_numpy_and_jax_agree_exactly():
   # Corners on pixel edges and centres, where the boundary rule decides.
   grid = rng.integers(0, 32, (200, 1, 2)) + np.array([[0, 0], [5, 0], [5, 7], [0, 7]])
   quads = np.concatenate([quads, grid.astype(np.float32), grid.astype(np.float32) + 0.5])
-  expected = pairs.masks_from_corners(quads, 32)
-  jitted = jax.jit(lambda q: pairs.masks_from_corners(q, 32, xp=jnp))
+  expected = masks_from_corners(quads, 32)
+  jitted = jax.jit(lambda q: masks_from_corners(q, 32, xp=jnp))
   assert np.array_equal(np.asarray(jitted(quads)), expected)
   batched = quads[:600].reshape(10, 60, 4, 2)
   assert np.array_equal(np.asarray(jitted(batched)), expected[:600].reshape(10, 60, 32, 32))
@@ -554,16 +555,16 @@ def test_masks_numpy_and_jax_agree_exactly():
 
 def test_masks_boundary_rule_winding_and_degenerate():
   square = np.array([[10.5, 10.5], [20.5, 10.5], [20.5, 20.5], [10.5, 20.5]], np.float32)
-  mask = pairs.masks_from_corners(square, 32)
+  mask = masks_from_corners(square, 32)
   expected = np.zeros((32, 32), bool)
   expected[10:21, 10:21] = True  # centres 10.5 .. 20.5 inclusive: on the boundary counts
   assert np.array_equal(mask, expected)
-  assert np.array_equal(pairs.masks_from_corners(square[::-1], 32), expected)
+  assert np.array_equal(masks_from_corners(square[::-1], 32), expected)
   diamond = np.array([[16, 8], [24, 16], [16, 24], [8, 16]], np.float32)  # |x-16|+|y-16| <= 8
   centres = np.arange(32) + 0.5
   l1 = np.abs(centres[None, :] - 16) + np.abs(centres[:, None] - 16)
-  assert np.array_equal(pairs.masks_from_corners(diamond, 32), l1 <= 8)
-  assert not pairs.masks_from_corners(np.full((4, 2), 5.0, np.float32), 32).any()
+  assert np.array_equal(masks_from_corners(diamond, 32), l1 <= 8)
+  assert not masks_from_corners(np.full((4, 2), 5.0, np.float32), 32).any()
 
 
 # Photometric: switch one op on with probability 1 against the geometry-only base, same seed.

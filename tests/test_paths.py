@@ -17,8 +17,10 @@ from PIL import Image
 
 import train_fixtures  # pylint: disable=unused-import  (registers the tiny "Mu" ViT)
 
+from cim_jax.train import warm_start
 from cim_jax import sharding
 from cim_jax.evaluate import report, visualize
+from cim_jax.train import metrics as metrics_lib
 from cim_jax.train import checkpoint, loop
 
 BUCKET = "gs://cim-test-bucket"
@@ -109,12 +111,12 @@ def test_fake_gcs_behaves_like_an_object_store(fake_gcs):
 def test_metrics_writer_logs_to_gcs_and_keeps_lines_of_earlier_runs(fake_gcs, tensorboard_to_epath):
   workdir = epath.Path(BUCKET) / "run"
   workdir.mkdir(parents=True, exist_ok=True)
-  first = loop._MetricsWriter(workdir)  # pylint: disable=protected-access
+  first = metrics_lib.MetricsWriter(workdir)
   first.write(1, {"loss": 2.0})
   assert _records(workdir / "metrics.jsonl") == [{"step": 1, "loss": 2.0}]  # visible at once
   first.write(2, {"loss": 1.5})
   first.close()
-  resumed = loop._MetricsWriter(workdir)  # pylint: disable=protected-access
+  resumed = metrics_lib.MetricsWriter(workdir)
   resumed.write(3, {"loss": 1.0})
   resumed.close()
   assert _records(workdir / "metrics.jsonl") == [
@@ -130,7 +132,7 @@ def test_metrics_writer_local_and_gcs_write_the_same_file(fake_gcs, tensorboard_
   remote = epath.Path(BUCKET) / "same"
   for workdir in (local, remote):
     for steps in ((1, 2), (3,)):  # a resume in between
-      writer = loop._MetricsWriter(workdir)  # pylint: disable=protected-access
+      writer = metrics_lib.MetricsWriter(workdir)
       for step in steps:
         writer.write(step, {"loss": 1.0 / step, "lr": 0.1 * step})
       writer.close()
@@ -155,14 +157,14 @@ def test_warm_start_from_gcs_msgpack(fake_gcs, tmp_path_factory):
   interop.save(local, params, target, {})
   remote = epath.Path(BUCKET) / "init" / "p.msgpack"
   remote.write_bytes(epath.Path(local).read_bytes())
-  checkpoint.check_warm_start_path(os.fspath(remote))  # exists: no error
-  loaded = checkpoint.load_warm_start(os.fspath(remote), model=None, sharding=None)
+  warm_start.check_warm_start_path(os.fspath(remote))  # exists: no error
+  loaded = warm_start.load_warm_start(os.fspath(remote), model=None, sharding=None)
   np.testing.assert_array_equal(loaded["params"]["encoder"]["w"], params["encoder"]["w"])
   np.testing.assert_array_equal(loaded["target_params"]["encoder"]["w"], target["encoder"]["w"])
   with pytest.raises(ValueError, match="no such work dir or checkpoint file"):
-    checkpoint.check_warm_start_path(f"{BUCKET}/missing")
+    warm_start.check_warm_start_path(f"{BUCKET}/missing")
   with pytest.raises(ValueError, match="no such file"):
-    checkpoint.load_warm_start(f"{BUCKET}/missing.pth", model=None, sharding=None)
+    warm_start.load_warm_start(f"{BUCKET}/missing.pth", model=None, sharding=None)
 
 
 def test_report_writes_pngs_and_json_to_gcs(fake_gcs):

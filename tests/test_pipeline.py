@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from cim_jax import config_defaults
+from cim_jax import geometry
 from cim_jax.data import pipeline
 from cim_jax.data import sources
 
@@ -224,12 +225,13 @@ def test_worker_counts_give_identical_batches_and_state():
 
 
 def test_pair_grid_draws_each_label_on_the_context():
-  from cim_jax.data import pairs, show_pairs  # pylint: disable=g-import-not-at-top
+  from cim_jax.data import pairs  # pylint: disable=g-import-not-at-top
+  from cim_jax.tools import show_pairs  # pylint: disable=g-import-not-at-top
   batch = pipeline.heldout_pairs(_config(), 2)
   grid = show_pairs.pair_grid(batch)
   size, n = 160, batch["exemplars"].shape[1]
   assert grid.shape == (2 * 2 * size, (1 + n) * size, 3) and grid.dtype == np.uint8
-  masks = pairs.masks_from_corners(batch["corners"], size)
+  masks = geometry.masks_from_corners(batch["corners"], size)
   context = batch["context"][1]
   for k in range(n):
     cell = grid[3 * size:4 * size, (1 + k) * size:(2 + k) * size]  # sample 1, bottom row
@@ -242,7 +244,7 @@ def test_pair_grid_draws_each_label_on_the_context():
 
 
 def test_show_pairs_command_reads_an_image_folder(tmp_path, capsys):
-  from cim_jax.data import show_pairs  # pylint: disable=g-import-not-at-top
+  from cim_jax.tools import show_pairs  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   (tmp_path / "imgs" / "a").mkdir(parents=True)
   for i in range(2):

@@ -34,7 +34,7 @@ import timm.loss  # noqa: E402  pylint: disable=wrong-import-position
 
 import torch_reference as ref  # noqa: E402  pylint: disable=wrong-import-position
 from cim_jax import config_defaults, interop, sharding  # noqa: E402
-from cim_jax.data.pairs import masks_from_corners  # noqa: E402
+from cim_jax.geometry import masks_from_corners  # noqa: E402
 from cim_jax.evaluate import finetune  # noqa: E402
 from cim_jax.models import cim  # noqa: E402
 from cim_jax.train import schedules  # noqa: E402

@@ -17,7 +17,7 @@ import pytest
 from flax import traverse_util
 
 from cim_jax import sharding
-from cim_jax.data.pairs import masks_from_corners
+from cim_jax.geometry import masks_from_corners
 from cim_jax.models import cim
 from cim_jax.models import decoder as decoder_lib
 from cim_jax.train import schedules

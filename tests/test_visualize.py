@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cim_jax.evaluate import pretext
 from cim_jax.evaluate import visualize
 
 
@@ -16,7 +17,7 @@ def test_pretext_iou_hand_computed():
   pred[0, 0, :2, :3] = True   # 6 pixels, 4 shared -> IoU 4/6
   true[0, 1, 3, 3] = True     # 1 pixel
   pred[0, 1, 0, 0] = True     # disjoint -> IoU 0
-  assert visualize.pretext_iou(pred, true) == pytest.approx((4 / 6 + 0) / 2)
+  assert pretext.pretext_iou(pred, true) == pytest.approx((4 / 6 + 0) / 2)
 
 
 def test_pretext_iou_takes_argmax_of_logits():
@@ -27,19 +28,19 @@ def test_pretext_iou_takes_argmax_of_logits():
   logits[..., 0] = 1.0
   logits[0, 0, 0, :, 1] = 2.0      # predicts exactly the top row: IoU 1
   logits[1, 0, :2, 0, 1] = 2.0     # predicts 2 of the 3 left pixels: IoU 2/3
-  assert visualize.pretext_iou(logits, true) == pytest.approx((1 + 2 / 3) / 2)
+  assert pretext.pretext_iou(logits, true) == pytest.approx((1 + 2 / 3) / 2)
 
 
 def test_empty_masks_agree_and_shapes_are_checked():
   empty = np.zeros((1, 1, 5, 5), bool)
-  assert visualize.pretext_iou(empty, empty) == 1.0
+  assert pretext.pretext_iou(empty, empty) == 1.0
   with pytest.raises(ValueError, match="differ in shape"):
-    visualize.pretext_iou(np.zeros((1, 2, 5, 5), bool), empty)
+    pretext.pretext_iou(np.zeros((1, 2, 5, 5), bool), empty)
 
 
 def test_correlation_probs_is_two_class_softmax():
   logits = np.array([[0.0, 0.0], [0.0, np.log(3.0)]])
-  np.testing.assert_allclose(visualize.correlation_probs(logits), [0.5, 0.75])
+  np.testing.assert_allclose(pretext.correlation_probs(logits), [0.5, 0.75])
 
 
 def _pairs(batch=2, num=3, size=32, ex=8):
@@ -104,8 +105,7 @@ def test_plot_training_curves_bad_log(tmp_path):
 def test_evaluate_pretext_matches_model_logits(tmp_path):
   import jax
   from cim_jax import config_defaults
-  from cim_jax.data import pairs as pairs_lib
-  from cim_jax.evaluate import pretext
+  from cim_jax import geometry
   from cim_jax.models import cim
   model_cfg = config_defaults.model_config("Ti/16")
   model_cfg.decoder_dim, model_cfg.decoder_heads = 64, 4
@@ -119,13 +119,13 @@ def test_evaluate_pretext_matches_model_logits(tmp_path):
   batch = {"context": rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8),
            "exemplars": rng.integers(0, 256, (3, 2, 16, 16, 3), dtype=np.uint8),
            "corners": np.broadcast_to(corners, (3, 2, 4, 2)).copy()}
-  result = pretext.evaluate_pretext(model, params, target_params, model_state, batch,
+  result = visualize.evaluate_pretext(model, params, target_params, model_state, batch,
                                     png=str(tmp_path / "p.png"), batch_size=2)  # 2 chunks
   logits = jax.jit(lambda b: model.apply(params, target_params, model_state, b, train=False)[1][
       "correlation_logits"])(batch)
-  masks = pairs_lib.masks_from_corners(batch["corners"], 32)
+  masks = geometry.masks_from_corners(batch["corners"], 32)
   assert masks[0, 0].sum() == 18 * 22
-  expected = visualize.pretext_iou(np.asarray(logits), masks)
+  expected = pretext.pretext_iou(np.asarray(logits), masks)
   assert result["pretext_iou"] == pytest.approx(expected, abs=1e-6)
   assert Image.open(result["png"]).size[0] > 0
   assert jax.tree.structure(target_params) == jax.tree.structure({"encoder": params["encoder"]})

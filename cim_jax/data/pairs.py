@@ -40,7 +40,7 @@ Per image (all randomness from the caller's np.random.Generator, a fixed number 
    the 2x mip level of the source that keeps the geometric-mean downscale <= sqrt(2); an axis
    still downscaled by more than 2 (extreme aspect ratios) is supersampled 2x and box filtered.
 4. Label: the box's corners in context coordinates (exemplar grid top-left, top-right,
-   bottom-right, bottom-left); masks_from_corners rasterises them exactly, here or on device.
+   bottom-right, bottom-left); geometry.masks_from_corners rasterises them exactly, here or on device.
 5. Exemplar-only photometric augmentation and the final flip (cim_jax/data/photometric.py).
 """
 
@@ -456,7 +456,7 @@ def make_pair(image: np.ndarray, rng: np.random.Generator,
   """One CIM sample: context (C, C, 3) uint8, exemplars (N, E, E, 3) uint8, corners (N, 4, 2).
 
   corners: float32 (x, y) context pixels of the exemplar grid's TL, TR, BR, BL corners (before
-  the exemplar's final flip), i.e. the label region; see masks_from_corners.
+  the exemplar's final flip), i.e. the label region; see geometry.masks_from_corners.
   """
   return _generate(image, rng, spec)[0]
 
@@ -470,30 +470,3 @@ def make_pair_and_geometry(image: np.ndarray, rng: np.random.Generator,
                           boxes=np.array(boxes), exemplar_to_search=np.array(affines),
                           exemplar_flip=np.array(u_flip) < spec.exemplar_flip_prob)
   return pair, geometry
-
-
-def masks_from_corners(corners, size: int, xp=np):
-  """Rasterises (..., 4, 2) convex quadrilaterals (x, y) into (..., size, size) bool masks.
-
-  A pixel is inside when its centre (c + 0.5, r + 0.5) is inside or on the boundary: the same
-  float32 half-plane test in numpy and jax.numpy (xp=jnp), with static shapes (jit-friendly).
-  Either winding order works; a degenerate (zero-area) quadrilateral gives an empty mask.
-  """
-  corners = xp.asarray(corners, dtype=xp.float32)
-  end = xp.concatenate([corners[..., 1:, :], corners[..., :1, :]], axis=-2)
-  x0, y0 = corners[..., 0], corners[..., 1]
-  # Winding from the sign of twice the signed area; multiplying by +-1 below is exact.
-  orientation = xp.sign(xp.sum(x0 * end[..., 1] - end[..., 0] * y0, axis=-1))[..., None]
-  dx, dy = (end[..., 0] - x0) * orientation, (end[..., 1] - y0) * orientation  # (..., 4)
-  centres = xp.arange(size, dtype=xp.float32) + 0.5
-  # Inside edge k iff dx * (y - y0) >= dy * (x - x0): separable into row and column products.
-  # Comparing the two products (rather than testing their difference) leaves a compiler no
-  # multiply-add to fuse, so every backend rounds exactly as numpy does.
-  row_term = dx[..., None] * (centres - y0[..., None])  # (..., 4, size) over rows
-  col_term = dy[..., None] * (centres - x0[..., None])  # (..., 4, size) over columns
-  # AND of the 4 edge tests written out (not xp.all over an axis of 4): purely elementwise, so
-  # under jit it fuses into the per-pixel loss instead of being a separate reduction kernel.
-  inside = row_term[..., 0, :, None] >= col_term[..., 0, None, :]
-  for edge in range(1, 4):
-    inside = inside & (row_term[..., edge, :, None] >= col_term[..., edge, None, :])
-  return inside & (orientation[..., 0] != 0)[..., None, None]

@@ -24,7 +24,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from cim_jax import cli
+from cim_jax import errors
 from cim_jax.data import decode
 from cim_jax.data import pairs
 from cim_jax.data import sources
@@ -38,7 +38,7 @@ LOGGED_NAMES = 5
 BATCH_KEYS = ("context", "exemplars", "corners")
 
 
-class UnreadableDataError(cli.RunStopped, RuntimeError):
+class UnreadableDataError(errors.RunStopped, RuntimeError):
   """Nearly every record of the data set is bad: the user's data, so `error: ...`, exit 2."""
   exit_status = 2
 

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from cim_jax.config_validation import ConfigError
+from cim_jax.errors import ConfigError
 from cim_jax.data import decode
 
 # The embedded photos (scikit-image 0.26 / scikit-learn 1.9 ship them; nothing is downloaded).

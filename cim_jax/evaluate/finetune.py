@@ -19,36 +19,41 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cim_jax import cli
-from cim_jax.config_validation import ConfigError
-from cim_jax.evaluate import augment, common, finetune_lib, knn
-from cim_jax.tools import memory
+from cim_jax import sharding
+from cim_jax.data import augment
+from cim_jax.data import labelled
+from cim_jax.data import sources
+from cim_jax.errors import ConfigError
+from cim_jax.evaluate import finetune_lib
+from cim_jax.evaluate import knn
 from cim_jax.train import checkpoint as checkpoint_lib
+from cim_jax.train import memory
 from cim_jax.train import metrics as metrics_lib
 from cim_jax.train import schedules
+from cim_jax.train import warm_start
 
 
-def labelled_sources(config) -> tuple[common.LabelledRecords, common.LabelledRecords, int]:
+def labelled_sources(config) -> tuple[labelled.LabelledRecords, labelled.LabelledRecords, int]:
   """(train, eval, num_classes) of `config.data`; checks the head's class count.
 
-  All three are `common.LabelledRecords` (the kNN / linear-probe sources): 'embedded' over
+  All three are `labelled.LabelledRecords` (the kNN / linear-probe sources): 'embedded' over
   in-memory arrays, 'imagefolder' and 'tfds' reading one image per record.
   """
   d = config.data
-  from cim_jax.data import sources
   if d.source == "embedded":
     names = ("train", "test")
-    splits = [common.as_labelled(sources.embedded_labelled(d.labelled_source, name,
+    splits = [labelled.as_labelled(sources.embedded_labelled(d.labelled_source, name,
                                                            image_size=d.image_size))
               for name in names]
     found = max(split.num_classes for split in splits)
-    train, test = (common.LabelledRecords(split, found, description=f"{d.labelled_source}/{name}")
+    train, test = (labelled.LabelledRecords(split, found, description=f"{d.labelled_source}/{name}")
                    for split, name in zip(splits, names))
   elif d.source in ("imagefolder", "tfds"):
     if d.source == "imagefolder":
-      train, test = common.imagefolder_splits(d.root, d.eval_root,
+      train, test = labelled.imagefolder_splits(d.root, d.eval_root,
                                               ("config.data.root", "config.data.eval_root"))
     else:
-      train, test = common.tfds_splits(d.tfds_name, d.tfds_split, d.tfds_eval_split,
+      train, test = labelled.tfds_splits(d.tfds_name, d.tfds_split, d.tfds_eval_split,
                                        d.tfds_data_dir, d.tfds_image_key, d.tfds_label_key)
     found = max(train.num_classes, test.num_classes)
     if not found and not d.num_classes:  # a plain integer label: the count is not declared
@@ -72,7 +77,7 @@ class _TrainMap(grain.transforms.RandomMap):
     return {"image": self.augmentation(record["image"], rng), "label": record["label"]}
 
 
-def train_dataset(config, source: common.LabelledRecords) -> grain.IterDataset:
+def train_dataset(config, source: labelled.LabelledRecords) -> grain.IterDataset:
   """Shuffled, repeated, augmented batches of this process's share of the global batch."""
   d = config.data
   augmentation = augment.TrainAugment(
@@ -89,10 +94,10 @@ def train_dataset(config, source: common.LabelledRecords) -> grain.IterDataset:
   return ds
 
 
-def evaluate(eval_fn, params, source: common.LabelledRecords, config) -> dict[str, float]:
+def evaluate(eval_fn, params, source: labelled.LabelledRecords, config) -> dict[str, float]:
   """Top-1 / top-5 (percent) over the whole evaluation set, centre-cropped."""
   d = config.data
-  ds = common.eval_batches(source, d.image_size, d.eval_batch_size, d.eval_crop_pct,
+  ds = labelled.eval_batches(source, d.image_size, d.eval_batch_size, d.eval_crop_pct,
                            read_threads=max(1, d.num_workers))
   num_shards = jax.local_device_count()
   scores, labels = [], []
@@ -150,7 +155,7 @@ class Finetuner:
     # lr_sched at fractional epochs; no accumulation here, so step k is iteration k).
     self.lr_schedule = schedules.warmup_cosine(peak, config.optim.min_lr, warmup,
                                                self.total_steps)
-    mesh = knn.data_mesh()
+    mesh = sharding.local_data_mesh()
     self.batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     self.replicated = NamedSharding(mesh, PartitionSpec())
     size = config.data.image_size
@@ -205,7 +210,7 @@ def finetune(config, workdir: str, *, eval_only: bool = False) -> dict[str, Any]
     else:
       encoder_params = None
       if config.init_from:
-        encoder_params = common.load_encoder_params(config, config.init_from)
+        encoder_params = warm_start.load_encoder_params(config, config.init_from)
       state = runner.init_state(jax.random.key(config.seed), encoder_params, config.init_from)
   except BaseException:
     checkpointer.close()
@@ -221,7 +226,7 @@ def finetune(config, workdir: str, *, eval_only: bool = False) -> dict[str, Any]
   train_step = None
   try:
     steps = range(int(state.step), runner.total_steps)
-    for step in common.progress(steps, enabled=config.progress_bar, desc="fine-tuning"):
+    for step in metrics_lib.progress(steps, enabled=config.progress_bar, desc="fine-tuning"):
       host_batch = next(data_iterator)
       batch = {k: jax.make_array_from_process_local_data(runner.batch_sharding, host_batch[k])
                for k in ("image", "label")}
@@ -266,6 +271,6 @@ def main(config, workdir: str = "", eval_only: str = "false"):
 
 
 if __name__ == "__main__":
-  common.run(main, prog="cim_jax.evaluate.finetune",
+  cli.run_tool(main, prog="cim_jax.evaluate.finetune",
              default_config="configs/finetune_vit_tiny.py",
              flags={"workdir": "", "eval_only": "false"})

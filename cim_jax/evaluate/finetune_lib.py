@@ -9,8 +9,8 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from cim_jax.evaluate import common
 from cim_jax.models import cim
+from cim_jax.models import vit
 
 
 @flax.struct.dataclass
@@ -24,7 +24,7 @@ class FinetuneState:
 
 def build_classifier(config, num_classes: int):
   """ViT with mean pooling + fc_norm + linear head (drop path: config.model.drop_path_rate)."""
-  return common.build_encoder(config.model, pool="gap", num_classes=num_classes)
+  return vit.encoder_from_config(config.model, pool="gap", num_classes=num_classes)
 
 
 def layer_id(path: tuple[str, ...], depth: int) -> int:

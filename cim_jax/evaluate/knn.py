@@ -14,13 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cim_jax.config_validation import ConfigError
-from cim_jax.evaluate import common
+from cim_jax import cli
+from cim_jax import sharding
+from cim_jax.data import labelled
+from cim_jax.errors import ConfigError
+from cim_jax.models import cim
+from cim_jax.models import vit
+from cim_jax.train import metrics as metrics_lib
+from cim_jax.train import warm_start
 
 KNN_KS = (10, 20, 100, 200)
-
-
-data_mesh = common.data_mesh
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -40,7 +43,7 @@ def extract_features(apply_fn: Callable[[jax.Array], jax.Array],
   split over the mesh's data axis (batch size rounded up to a multiple of it); short batches
   are padded so one compilation serves all. Returns float32 (n, D), L2-normalised by default.
   """
-  mesh = mesh or data_mesh()
+  mesh = mesh or sharding.local_data_mesh()
   num_shards = mesh.shape["data"]
   batch_size = sharded_batch_size(batch_size, num_shards)
   if isinstance(images, np.ndarray):
@@ -50,15 +53,15 @@ def extract_features(apply_fn: Callable[[jax.Array], jax.Array],
     total = -(-images.shape[0] // batch_size)
     array = images
     images = (array[start:start + batch_size] for start in range(0, len(array), batch_size))
-  sharding = NamedSharding(mesh, PartitionSpec("data"))
+  data_sharding = NamedSharding(mesh, PartitionSpec("data"))
 
-  @functools.partial(jax.jit, in_shardings=sharding, out_shardings=sharding)
+  @functools.partial(jax.jit, in_shardings=data_sharding, out_shardings=data_sharding)
   def features_of(batch):
     feats = apply_fn(batch).astype(jnp.float32)
     return l2_normalize(feats) if normalize else feats
 
   outputs = []
-  for batch in common.progress(images, enabled=progress, desc=desc, total=total):
+  for batch in metrics_lib.progress(images, enabled=progress, desc=desc, total=total):
     batch = np.asarray(batch)
     valid = batch.shape[0]
     if valid > batch_size:
@@ -66,7 +69,7 @@ def extract_features(apply_fn: Callable[[jax.Array], jax.Array],
                        f"{batch_size}")
     if valid < batch_size:  # pad with copies of the last image; the padded rows are dropped
       batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - valid, axis=0)])
-    feats = features_of(jax.device_put(batch, sharding))
+    feats = features_of(jax.device_put(batch, data_sharding))
     outputs.append(np.asarray(feats)[:valid])
   if not outputs:
     raise ValueError("extract_features: no images given")
@@ -84,16 +87,16 @@ def labelled_features(apply_fn: Callable, data, *, image_size: int, batch_size: 
                       ) -> tuple[np.ndarray, np.ndarray]:
   """(features (n, D), labels (n,)) of a labelled set, through `extract_features`.
 
-  `common.LabelledRecords` (ImageFolder, TFDS) are streamed: decoded and centre-cropped by
-  `common.eval_batches`, never held whole. In-memory sets (`common.Labelled` or (images,
+  `labelled.LabelledRecords` (ImageFolder, TFDS) are streamed: decoded and centre-cropped by
+  `labelled.eval_batches`, never held whole. In-memory sets (`labelled.Labelled` or (images,
   labels)) are resized to `image_size` as a whole (the small embedded sets).
   """
-  if not isinstance(data, common.LabelledRecords):
-    data = common.as_labelled(data)
-    return (extract_features(apply_fn, common.resize_images(data.images, image_size),
+  if not isinstance(data, labelled.LabelledRecords):
+    data = labelled.as_labelled(data)
+    return (extract_features(apply_fn, labelled.resize_images(data.images, image_size),
                              batch_size, normalize=normalize, progress=progress, desc=desc),
             data.labels)
-  batch_size = sharded_batch_size(batch_size, data_mesh().shape["data"])
+  batch_size = sharded_batch_size(batch_size, sharding.local_data_mesh().shape["data"])
   labels = []
 
   def images_of(batches):
@@ -101,7 +104,7 @@ def labelled_features(apply_fn: Callable, data, *, image_size: int, batch_size: 
       labels.append(np.asarray(batch["label"], np.int32))
       yield batch["image"]
 
-  batches = common.eval_batches(data, image_size, batch_size, crop_pct, read_threads)
+  batches = labelled.eval_batches(data, image_size, batch_size, crop_pct, read_threads)
   feats = extract_features(apply_fn, images_of(batches), batch_size, normalize=normalize,
                            progress=progress, desc=desc, total=-(-len(data) // batch_size))
   return feats, np.concatenate(labels)
@@ -120,7 +123,6 @@ def encoder_feature_fn(encoder, encoder_params, *, pool: str = "cls") -> Callabl
   """
   if pool not in ("cls", "mean"):
     raise ConfigError(f"feature pool must be 'cls' or 'mean', got {pool!r}")
-  from cim_jax.models import cim  # deferred: the raw-pixel path must not need the model code
 
   def apply_fn(images):
     tokens, _ = encoder.apply({"params": encoder_params}, cim.normalize_images(images),
@@ -196,13 +198,13 @@ def knn_accuracy(encoder_params: Mapping[str, Any] | None, model_cfg, train, tes
                  encoder_overrides: Mapping[str, Any] | None = None) -> dict[str, float]:
   """kNN accuracy of an encoder (`None` params: a randomly initialised one, seeded by `seed`).
 
-  `train` / `test` are `common.Labelled` sets (or (images, labels) tuples), or streamed
-  `common.LabelledRecords` (see `labelled_features`). Returns {'k20/top1': ..., 'k20/top5': ...}
+  `train` / `test` are `labelled.Labelled` sets (or (images, labels) tuples), or streamed
+  `labelled.LabelledRecords` (see `labelled_features`). Returns {'k20/top1': ..., 'k20/top5': ...}
   for each k in `ks`.
   """
-  encoder = common.build_encoder(model_cfg, **dict(encoder_overrides or {}))
+  encoder = vit.encoder_from_config(model_cfg, **dict(encoder_overrides or {}))
   if encoder_params is None:
-    encoder_params = common.init_encoder_params(encoder, image_size, seed)
+    encoder_params = vit.init_encoder_params(encoder, image_size, seed)
   apply_fn = encoder_feature_fn(encoder, encoder_params, pool=pool)
   extract = functools.partial(labelled_features, apply_fn, image_size=image_size,
                               batch_size=batch_size, crop_pct=crop_pct,
@@ -234,13 +236,13 @@ def eval_kwargs(config) -> dict[str, Any]:
 
 def main(config):
   """Entry point: kNN of a checkpoint's encoder, and of a randomly initialised one for reference."""
-  train, test = common.eval_splits(config)
+  train, test = labelled.eval_splits(config)
   ks = tuple(sorted({int(config.eval.knn_k), *KNN_KS}))
   kwargs = dict(eval_kwargs(config), ks=ks, temperature=config.eval.knn_temperature,
                 progress=config.progress_bar)
   results = {}
   if config.checkpoint:
-    encoder_params = common.load_encoder_params(config)
+    encoder_params = warm_start.load_encoder_params(config)
     results["checkpoint"] = knn_accuracy(encoder_params, config.model, train, test, **kwargs)
   results["random_init"] = knn_accuracy(None, config.model, train, test, **kwargs)
   print(f"kNN on {config.eval.labelled_source}: {len(train)} train / {len(test)} test images, "
@@ -251,4 +253,4 @@ def main(config):
 
 
 if __name__ == "__main__":
-  common.run(main, prog="cim_jax.evaluate.knn")
+  cli.run_tool(main, prog="cim_jax.evaluate.knn")

@@ -16,8 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cim_jax.config_validation import ConfigError
-from cim_jax.evaluate import common, knn
+from cim_jax import cli
+from cim_jax.data import labelled
+from cim_jax.errors import ConfigError
+from cim_jax.evaluate import knn
+from cim_jax.models import vit
+from cim_jax.train import warm_start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,9 +129,9 @@ def linear_probe_accuracy(encoder_params: Mapping[str, Any] | None, model_cfg, t
   `train` / `test` as for `knn.knn_accuracy`: arrays, or streamed ImageFolder / TFDS records
   whose features are extracted once; the probe then trains on the feature arrays.
   """
-  encoder = common.build_encoder(model_cfg, **dict(encoder_overrides or {}))
+  encoder = vit.encoder_from_config(model_cfg, **dict(encoder_overrides or {}))
   if encoder_params is None:
-    encoder_params = common.init_encoder_params(encoder, image_size, seed)
+    encoder_params = vit.init_encoder_params(encoder, image_size, seed)
   apply_fn = knn.encoder_feature_fn(encoder, encoder_params, pool=pool)
   # Unnormalised features: the probe standardises them itself.
   (train_feats, train_labels), (test_feats, test_labels) = (
@@ -150,12 +154,12 @@ def recipe_from_config(config) -> ProbeRecipe:
 
 def main(config):
   """Entry point: linear probe of a checkpoint's encoder and of a random one."""
-  train, test = common.eval_splits(config)
+  train, test = labelled.eval_splits(config)
   kwargs = dict(knn.eval_kwargs(config), recipe=recipe_from_config(config),
                 progress=config.progress_bar)
   results = {}
   if config.checkpoint:
-    results["checkpoint"] = linear_probe_accuracy(common.load_encoder_params(config),
+    results["checkpoint"] = linear_probe_accuracy(warm_start.load_encoder_params(config),
                                                   config.model, train, test, **kwargs)
   results["random_init"] = linear_probe_accuracy(None, config.model, train, test, **kwargs)
   for name, metrics in results.items():
@@ -164,4 +168,4 @@ def main(config):
 
 
 if __name__ == "__main__":
-  common.run(main, prog="cim_jax.evaluate.linear_probe")
+  cli.run_tool(main, prog="cim_jax.evaluate.linear_probe")

@@ -1,20 +1,17 @@
-"""The pretext task on held-out pairs: correlation predictions, mean IoU and the PNG of them."""
+"""The pretext task's metrics: correlation predictions on held-out pairs and their mask IoU."""
 
 import functools
-import os
 from typing import Any
 
 import jax
 import numpy as np
-from etils import epath
 
-from cim_jax.evaluate import visualize
+from cim_jax import geometry
 
 
 def true_masks(corners: np.ndarray, size: int) -> np.ndarray:
   """Ground-truth masks (B, N, size, size) from exemplar corners, rasterised on the host."""
-  from cim_jax.data import pairs
-  return np.asarray(pairs.masks_from_corners(np.asarray(corners), size, xp=np)) != 0
+  return np.asarray(geometry.masks_from_corners(np.asarray(corners), size, xp=np)) != 0
 
 
 def predict_correlation(model, params, target_params, model_state, batch: dict[str, Any], *,
@@ -47,49 +44,42 @@ def _jitted_apply(model):
   return apply
 
 
-def evaluate_pretext(model, params, target_params, model_state, pairs: dict[str, Any], *,
-                     png: str | None = None, title: str = "", max_samples: int = 4,
-                     batch_size: int = 16) -> dict[str, Any]:
-  """Mean pretext IoU of the model on `pairs` (a held-out batch); optionally writes the PNG.
-
-  Returns {'pretext_iou': float, 'png': path or None}.
-  """
-  logits = predict_correlation(model, params, target_params, model_state, pairs,
-                               batch_size=batch_size)
-  masks = true_masks(pairs["corners"], logits.shape[2])
-  iou = visualize.pretext_iou(logits, masks)
-  if png:
-    caption = f"{title + ' - ' if title else ''}mean pretext IoU {iou:.3f} over {masks.shape[0]} pairs"
-    visualize.save_correlation_png(png, pairs["context"], pairs["exemplars"], masks,
-                                   visualize.correlation_probs(logits), max_samples=max_samples,
-                                   title=caption)
-  return {"pretext_iou": iou, "png": png}
-
-
 def random_init_params(model, seed: int = 0):
   """(params, target_params, model_state) of a freshly initialised model: the 'before' point."""
   params, model_state = jax.jit(model.init_variables)(jax.random.key(seed))  # eager is slow
   return params, model.target_params_from(params), model_state
 
 
-def main(config, output_dir: str = "", metrics: str = ""):
-  """Entry point: held-out pretext IoU + correlation PNG of a checkpoint (and of random init)."""
-  from cim_jax.data import pipeline
-  from cim_jax.models import cim
-  from cim_jax.evaluate import common
-  output_dir = output_dir or config.eval.output_dir or (
-      config.checkpoint if config.checkpoint and epath.Path(config.checkpoint).is_dir() else ".")
-  out = epath.Path(output_dir)
-  model = cim.build_model(config.model, config.data)
-  pairs = pipeline.heldout_pairs(config)
-  runs = {"random_init": random_init_params(model, config.seed)}
-  if config.checkpoint:
-    loaded = common.load_checkpoint(config, model=model)
-    runs["checkpoint"] = (loaded["params"], loaded["target_params"], runs["random_init"][2])
-  for name, (params, target_params, model_state) in runs.items():
-    result = evaluate_pretext(model, params, target_params, model_state, pairs,
-                              png=os.fspath(out / f"correlation_{name}.png"), title=name)
-    print(f"{name:12s} pretext_iou={result['pretext_iou']:.4f} png={result['png']}")
-  if metrics:
-    png = visualize.plot_training_curves(metrics, os.fspath(out / "training_curves.png"))
-    print(f"training curves: {png}")
+def predicted_masks(predicted: np.ndarray) -> np.ndarray:
+  """Boolean masks from (..., 2) correlation logits (argmax) or from masks / probabilities."""
+  predicted = np.asarray(predicted)
+  if predicted.ndim >= 1 and predicted.shape[-1] == 2:
+    return predicted[..., 1] > predicted[..., 0]  # argmax; a tie counts as background
+  if predicted.dtype == bool:
+    return predicted
+  if np.issubdtype(predicted.dtype, np.floating):
+    return predicted > 0.5  # foreground probabilities
+  return predicted != 0
+
+
+def mask_iou(predicted: np.ndarray, true_masks: np.ndarray) -> np.ndarray:
+  """IoU per map over the last two (pixel) axes; two empty masks agree perfectly (IoU 1)."""
+  predicted, true_masks = np.asarray(predicted, bool), np.asarray(true_masks) != 0
+  intersection = np.logical_and(predicted, true_masks).sum(axis=(-2, -1))
+  union = np.logical_or(predicted, true_masks).sum(axis=(-2, -1))
+  return np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
+
+
+def pretext_iou(predicted_logits_or_masks: np.ndarray, true_masks: np.ndarray) -> float:
+  """Mean IoU of predicted (argmax of logits (B, N, C, C, 2), or masks (B, N, C, C)) vs truth."""
+  predicted = predicted_masks(predicted_logits_or_masks)
+  if predicted.shape != np.shape(true_masks):
+    raise ValueError(f"pretext_iou: predicted masks {predicted.shape} and true masks "
+                     f"{np.shape(true_masks)} differ in shape")
+  return float(mask_iou(predicted, true_masks).mean())
+
+
+def correlation_probs(correlation_logits: np.ndarray) -> np.ndarray:
+  """(…, 2) logits -> foreground probability (…) by a two-class softmax."""
+  logits = np.asarray(correlation_logits, np.float64)
+  return 1.0 / (1.0 + np.exp(logits[..., 0] - logits[..., 1]))

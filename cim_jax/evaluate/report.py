@@ -9,7 +9,13 @@ import jax
 from etils import epath
 
 from cim_jax import sharding
-from cim_jax.evaluate import common, knn, pretext, visualize
+from cim_jax.data import labelled
+from cim_jax.data import pipeline
+from cim_jax.evaluate import knn
+from cim_jax.evaluate import pretext
+from cim_jax.evaluate import visualize
+from cim_jax.models import cim
+from cim_jax.train import warm_start
 
 
 def evaluate_run(result) -> dict[str, Any]:
@@ -31,10 +37,9 @@ def run(config, workdir: str, *, params=None, target_params=None, model_state=No
   The trained state comes from the arguments, or else the work dir's latest checkpoint.
   Writes `workdir/report.json` and returns the same dict.
   """
-  from cim_jax.models import cim
   model = model or cim.build_model(config.model, config.data)
   if params is None:
-    loaded = common.load_checkpoint(config, workdir, model=model)
+    loaded = warm_start.load_checkpoint(config, workdir, model=model)
     params, target_params = loaded["params"], loaded["target_params"]
   before = pretext.random_init_params(model, config.seed)
   model_state = before[2] if model_state is None else model_state
@@ -44,12 +49,11 @@ def run(config, workdir: str, *, params=None, target_params=None, model_state=No
   # Every process computes the same report; only process 0 writes files.
   write_files = jax.process_index() == 0
   if config.eval.pretext_iou or config.eval.visualize:
-    from cim_jax.data import pipeline
     pairs = pipeline.heldout_pairs(config)
     for name, (p, t, s) in (("before", before), ("after", (params, target_params, model_state))):
       png = (os.fspath(out / f"correlation_{name}.png") if config.eval.visualize and write_files
              else None)
-      outcome = pretext.evaluate_pretext(model, p, t, s, pairs, png=png,
+      outcome = visualize.evaluate_pretext(model, p, t, s, pairs, png=png,
                                          title=f"{name} pre-training")
       report[f"pretext_iou/{name}"] = outcome["pretext_iou"]
       if png:
@@ -61,7 +65,7 @@ def run(config, workdir: str, *, params=None, target_params=None, model_state=No
           os.fspath(metrics_log), os.fspath(out / "training_curves.png"))
 
   if config.eval.knn:
-    train, test = common.eval_splits(config)
+    train, test = labelled.eval_splits(config)
     kwargs = dict(knn.eval_kwargs(config), ks=(int(config.eval.knn_k),),
                   temperature=config.eval.knn_temperature)
     encoder_params = jax.device_get(params["encoder"])

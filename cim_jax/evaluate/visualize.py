@@ -8,51 +8,22 @@ import io
 import json
 import math
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
+from cim_jax import cli
+from cim_jax.data import pipeline
+from cim_jax.evaluate import pretext
+from cim_jax.models import cim
+from cim_jax.train import warm_start
+
 # Anchor colours of matplotlib's 'inferno' map (dark = no match, bright = match).
 _HEAT_ANCHORS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9],
                           [252, 255, 164]], np.float64)
 _MASK_COLOUR = np.array([46, 204, 64], np.float64)  # ground truth: green tint + outline
-
-
-def predicted_masks(predicted: np.ndarray) -> np.ndarray:
-  """Boolean masks from (..., 2) correlation logits (argmax) or from masks / probabilities."""
-  predicted = np.asarray(predicted)
-  if predicted.ndim >= 1 and predicted.shape[-1] == 2:
-    return predicted[..., 1] > predicted[..., 0]  # argmax; a tie counts as background
-  if predicted.dtype == bool:
-    return predicted
-  if np.issubdtype(predicted.dtype, np.floating):
-    return predicted > 0.5  # foreground probabilities
-  return predicted != 0
-
-
-def mask_iou(predicted: np.ndarray, true_masks: np.ndarray) -> np.ndarray:
-  """IoU per map over the last two (pixel) axes; two empty masks agree perfectly (IoU 1)."""
-  predicted, true_masks = np.asarray(predicted, bool), np.asarray(true_masks) != 0
-  intersection = np.logical_and(predicted, true_masks).sum(axis=(-2, -1))
-  union = np.logical_or(predicted, true_masks).sum(axis=(-2, -1))
-  return np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
-
-
-def pretext_iou(predicted_logits_or_masks: np.ndarray, true_masks: np.ndarray) -> float:
-  """Mean IoU of predicted (argmax of logits (B, N, C, C, 2), or masks (B, N, C, C)) vs truth."""
-  predicted = predicted_masks(predicted_logits_or_masks)
-  if predicted.shape != np.shape(true_masks):
-    raise ValueError(f"pretext_iou: predicted masks {predicted.shape} and true masks "
-                     f"{np.shape(true_masks)} differ in shape")
-  return float(mask_iou(predicted, true_masks).mean())
-
-
-def correlation_probs(correlation_logits: np.ndarray) -> np.ndarray:
-  """(…, 2) logits -> foreground probability (…) by a two-class softmax."""
-  logits = np.asarray(correlation_logits, np.float64)
-  return 1.0 / (1.0 + np.exp(logits[..., 0] - logits[..., 1]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,7 +90,7 @@ def save_correlation_png(path: str, context: np.ndarray, exemplars: np.ndarray,
   if true_masks.shape != predicted_probs.shape or true_masks.shape[:2] != (batch, num_exemplars):
     raise ValueError(f"save_correlation_png: exemplars {exemplars.shape[:2]}, true masks "
                      f"{true_masks.shape} and predictions {predicted_probs.shape} disagree")
-  ious = mask_iou(predicted_probs > 0.5, true_masks)
+  ious = pretext.mask_iou(predicted_probs > 0.5, true_masks)
   samples = min(batch, max_samples)
   margin, caption, gap, header = 92, 16, 4, 30 if title else 6
   cell = tile + caption
@@ -273,7 +244,49 @@ def plot_training_curves(metrics_jsonl: str, png: str, keys: Sequence[str] | Non
   return save_png(canvas, png)
 
 
+# ----------------------------------------------------------------------------------------------
+# The pretext evaluation: predictions, IoU and their picture.
+
+
+def evaluate_pretext(model, params, target_params, model_state, pairs: dict[str, Any], *,
+                     png: str | None = None, title: str = "", max_samples: int = 4,
+                     batch_size: int = 16) -> dict[str, Any]:
+  """Mean pretext IoU of the model on `pairs` (a held-out batch); optionally writes the PNG.
+
+  Returns {'pretext_iou': float, 'png': path or None}.
+  """
+  logits = pretext.predict_correlation(model, params, target_params, model_state, pairs,
+                               batch_size=batch_size)
+  masks = pretext.true_masks(pairs["corners"], logits.shape[2])
+  iou = pretext.pretext_iou(logits, masks)
+  if png:
+    caption = f"{title + ' - ' if title else ''}mean pretext IoU {iou:.3f} over {masks.shape[0]} pairs"
+    save_correlation_png(png, pairs["context"], pairs["exemplars"], masks,
+                                   pretext.correlation_probs(logits), max_samples=max_samples,
+                                   title=caption)
+  return {"pretext_iou": iou, "png": png}
+
+
+def main(config, output_dir: str = "", metrics: str = ""):
+  """Entry point: held-out pretext IoU + correlation PNG of a checkpoint (and of random init)."""
+  output_dir = output_dir or config.eval.output_dir or (
+      config.checkpoint if config.checkpoint and epath.Path(config.checkpoint).is_dir() else ".")
+  out = epath.Path(output_dir)
+  model = cim.build_model(config.model, config.data)
+  pairs = pipeline.heldout_pairs(config)
+  runs = {"random_init": pretext.random_init_params(model, config.seed)}
+  if config.checkpoint:
+    loaded = warm_start.load_checkpoint(config, model=model)
+    runs["checkpoint"] = (loaded["params"], loaded["target_params"], runs["random_init"][2])
+  for name, (params, target_params, model_state) in runs.items():
+    result = evaluate_pretext(model, params, target_params, model_state, pairs,
+                              png=os.fspath(out / f"correlation_{name}.png"), title=name)
+    print(f"{name:12s} pretext_iou={result['pretext_iou']:.4f} png={result['png']}")
+  if metrics:
+    png = plot_training_curves(metrics, os.fspath(out / "training_curves.png"))
+    print(f"training curves: {png}")
+
+
 if __name__ == "__main__":
-  from cim_jax.evaluate import common, pretext  # pylint: disable=g-import-not-at-top
-  common.run(pretext.main, prog="cim_jax.evaluate.visualize",
+  cli.run_tool(main, prog="cim_jax.evaluate.visualize",
              flags={"output_dir": "", "metrics": ""})

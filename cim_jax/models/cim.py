@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from cim_jax import geometry
 from cim_jax.models.decoder import CorrelationDecoder, upsample_align_corners
 from cim_jax.models.decoder import upsample_plane_align_corners
 from cim_jax.models.heads import MLPHead, info_nce_loss
@@ -53,12 +54,6 @@ def weight_decay_mask(params, exempt: str = "1d"):
 
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict({path: decays(path, leaf) for path, leaf in flat.items()})
-
-
-def _masks_from_corners(corners, size: int):
-  # Imported on use: the data package is independent of the model package.
-  from cim_jax.data.pairs import masks_from_corners
-  return masks_from_corners(corners, size, xp=jnp)
 
 
 class CIMModel:
@@ -197,7 +192,7 @@ class CIMModel:
     # loss upsamples that one difference map instead of both logit maps (half the full-res work).
     logit_difference = upsample_plane_align_corners(
         grid_logits[..., 1] - grid_logits[..., 0], self.context_size)
-    masks = _masks_from_corners(batch["corners"], self.context_size)
+    masks = geometry.masks_from_corners(batch["corners"], self.context_size, xp=jnp)
     corr_loss = correlation_loss_from_difference(logit_difference, masks)
     metrics = {
         "corr_loss": corr_loss,

@@ -415,3 +415,10 @@ def compute_dtype(name: str):
   if str(name) not in dtypes:
     raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {name!r}")
   return dtypes[str(name)]
+
+
+def init_encoder_params(encoder, image_size: int, seed: int):
+  """Randomly initialised encoder parameters (the 'before pre-training' reference)."""
+  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  # jit: eager initialisation dispatches op by op and is many times slower on CPU.
+  return jax.jit(lambda rng: encoder.init(rng, dummy, train=False))(jax.random.key(seed))["params"]

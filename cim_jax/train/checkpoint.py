@@ -1,22 +1,18 @@
 """Orbax checkpoints: one composite item (train state + grain iterator state + config) per step."""
 
-import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 import grain.checkpoint as grain_checkpoint
 
-from cim_jax import cli
-from cim_jax import config_validation
-from cim_jax.train import state as state_lib
+from cim_jax import errors
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -33,11 +29,11 @@ STATE_SHAPING_KEYS = (
 )
 
 
-class IncompatibleCheckpointError(config_validation.ConfigError):
+class IncompatibleCheckpointError(errors.ConfigError):
   """The work dir's checkpoint holds a train state this config cannot resume (exit status 2)."""
 
 
-class CheckpointWriteError(cli.RunStopped):
+class CheckpointWriteError(errors.RunStopped):
   """A checkpoint could not be written (disk full, I/O error, ...): the run stops (exit 1)."""
 
   def __init__(self, step, error: BaseException, last_good):
@@ -170,7 +166,6 @@ class Checkpointer:
     problem = self._local_problem(step, with_data)
     if jax.process_count() == 1:
       return problem
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     failed = np.asarray(multihost_utils.process_allgather(np.int32(problem is not None)))
     if problem is None and failed.any():
       problem = f"unreadable on process(es) {np.flatnonzero(failed).tolist()}"
@@ -253,7 +248,6 @@ class Checkpointer:
       if src.exists():
         src.rename(dst)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"quarantine_{step}")
     self.manager.reload()
 
@@ -371,31 +365,6 @@ def restore_state_anywhere(directory, sharding, step=None):
   return step, restored["state"]
 
 
-WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".msgpack")
-
-
-def check_warm_start_path(path: str, key: str = "init_from") -> None:
-  """Fails fast (before any compilation) when `path` names nothing usable: it must be a work dir
-  (or its checkpoints/ folder) holding a finished checkpoint, or a weights file."""
-  if not path:
-    return
-  where = epath.Path(path)
-  if not where.exists():
-    raise config_validation.ConfigError(f"{key}={path!r}: no such work dir or checkpoint file")
-  if not where.is_dir():
-    if not path.endswith(WEIGHT_FILE_SUFFIXES):
-      raise config_validation.ConfigError(
-          f"{key}={path!r}: not a work dir or a weights file "
-          f"({', '.join(WEIGHT_FILE_SUFFIXES)})")
-    return
-  directory = where / CHECKPOINT_DIR if (where / CHECKPOINT_DIR).is_dir() else where
-  if not any(d.name.isdigit() and (d / "_CHECKPOINT_METADATA").exists()
-             for d in directory.iterdir()):
-    raise config_validation.ConfigError(
-        f"{key}={path!r}: no finished checkpoint in {directory} (expected the work dir of a "
-        f"run, holding {CHECKPOINT_DIR}/<step>/, or a weights file)")
-
-
 def is_local(path) -> bool:
   """True for a path on this machine's file system (no gs://, s3://, ... scheme)."""
   return "://" not in os.fspath(path)
@@ -404,71 +373,3 @@ def is_local(path) -> bool:
 def absolute(path) -> epath.Path:
   """The path, made absolute when local: orbax's tensorstore writer rejects relative paths."""
   return epath.Path(os.path.abspath(os.fspath(path)) if is_local(path) else path)
-
-
-@contextlib.contextmanager
-def _local_copy(path: epath.Path):
-  """`path` itself when local, else a temporary local copy (torch / msgpack readers need one)."""
-  if is_local(path):
-    yield os.fspath(path)
-    return
-  with tempfile.TemporaryDirectory(prefix="cim_warm_start_") as tmp:
-    local = os.path.join(tmp, path.name)
-    with path.open("rb") as src, open(local, "wb") as dst:
-      shutil.copyfileobj(src, dst, length=16 << 20)
-    yield local
-
-
-def load_warm_start(path: str, model, sharding):
-  """params and target_params (host trees) from a run's work dir, an authors' .pth or a .msgpack.
-
-  Any of them may be local or on gs:// (a .pth / .msgpack there is copied to a temp file first).
-  """
-  path = os.fspath(path)
-  if path.endswith(WEIGHT_FILE_SUFFIXES):
-    from cim_jax import interop  # pylint: disable=g-import-not-at-top
-    file = epath.Path(path)
-    if not file.is_file():
-      raise config_validation.ConfigError(f"init_from={path!r}: no such file")
-    with _local_copy(file) as local:
-      if path.endswith(".msgpack"):
-        return interop.load_params(local)
-      params, target_params, _ = interop.import_authors_state_dict(
-          interop.load_torch_state_dict(local), model)
-    return {"params": params, "target_params": target_params}
-  directory = epath.Path(path)
-  if (directory / CHECKPOINT_DIR).exists():
-    directory = directory / CHECKPOINT_DIR
-  if not directory.exists():
-    raise config_validation.ConfigError(f"init_from={path!r}: no such work dir or checkpoint file")
-  step, state = restore_state_anywhere(directory, sharding)
-  if step is None:
-    raise config_validation.ConfigError(f"init_from={path!r}: no finished checkpoint in {directory}")
-  logging.info("warm start from %s step %d", directory, step)
-  return {"params": state["params"], "target_params": state["target_params"]}
-
-
-def apply_warm_start(train_state: state_lib.TrainState, loaded, source: str):
-  """Replaces params / target params with `loaded`, checking shapes and keeping shardings."""
-
-  def put(current, new, name):
-    cur_flat, treedef = jax.tree_util.tree_flatten_with_path(current)
-    new_flat = dict((jax.tree_util.keystr(p), v)
-                    for p, v in jax.tree_util.tree_flatten_with_path(new)[0])
-    leaves = []
-    for p, leaf in cur_flat:
-      key = jax.tree_util.keystr(p)
-      if key not in new_flat:
-        raise config_validation.ConfigError(f"init_from={source!r}: {name}{key} missing from the checkpoint")
-      value = new_flat[key]
-      if not isinstance(value, jax.Array):
-        value = np.asarray(value)
-      if value.shape != leaf.shape:
-        raise config_validation.ConfigError(f"init_from={source!r}: {name}{key} has shape {value.shape}, the model "
-                         f"expects {leaf.shape}")
-      leaves.append(jax.device_put(value.astype(leaf.dtype), leaf.sharding))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-  return train_state.replace(
-      params=put(train_state.params, loaded["params"], "params"),
-      target_params=put(train_state.target_params, loaded["target_params"], "target_params"))

@@ -12,21 +12,24 @@ import jax
 import ml_collections
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
-from cim_jax import cli
+from cim_jax.train import warm_start
+from cim_jax import errors
 from cim_jax import sharding
 from cim_jax.data import pipeline
 from cim_jax.data import sources
 from cim_jax.models import cim
-from cim_jax.tools import memory
 from cim_jax.train import checkpoint as checkpoint_lib
-from cim_jax.train.metrics import MetricsWriter as _MetricsWriter
+from cim_jax.train import memory
+from cim_jax.train import metrics as metrics_lib
 from cim_jax.train import schedules
 from cim_jax.train import state as state_lib
 from cim_jax.train import step as step_lib
 
 
-class NonFiniteError(cli.RunStopped, FloatingPointError):
+class NonFiniteError(errors.RunStopped, FloatingPointError):
   """Training produced a non-finite loss or gradient (the run stops: `error: ...`, exit 1)."""
 
 
@@ -66,7 +69,6 @@ class _Preemption:
 
   def reached(self, step: int) -> bool:
     if self._multihost:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       try:
         return multihost_utils.reached_preemption_sync_point(step)
       except RuntimeError:  # no preemption service in this cluster
@@ -101,7 +103,6 @@ def _summarise(host_metrics: list) -> dict:
 def _progress_bar(config, total: int, initial: int):
   if not (config.progress_bar and jax.process_index() == 0):
     return None
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
@@ -114,7 +115,7 @@ def _train_data(config):
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   """Trains (resuming from workdir when it holds a checkpoint) and returns the final state."""
-  checkpoint_lib.check_warm_start_path(config.init_from)
+  warm_start.check_warm_start_path(config.init_from)
   workdir_path = epath.Path(workdir)  # a local path or gs://... alike
   workdir_path.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.fsdp)
@@ -138,8 +139,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   else:
     state = trainer.init_state(init_rng, state_lib.dummy_batch(config.data))
     if config.init_from:
-      loaded = checkpoint_lib.load_warm_start(config.init_from, model, sharding.replicated(mesh))
-      state = checkpoint_lib.apply_warm_start(state, loaded, config.init_from)
+      loaded = warm_start.load_warm_start(config.init_from, model, sharding.replicated(mesh))
+      state = warm_start.apply_warm_start(state, loaded, config.init_from)
   train_step, batch_sharding = trainer.train_step, trainer.batch_sharding
   train_step = memory.compile_step_that_fits(  # compiled once; too big: one line, exit 2
       train_step, (state, memory.abstract_batch(config, batch_sharding), train_rng),
@@ -147,7 +148,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
 
   start = int(jax.device_get(state.step))
   total = counts.train_steps
-  writer = _MetricsWriter(workdir_path)
+  writer = metrics_lib.MetricsWriter(workdir_path)
   bar = _progress_bar(config, total, start)
   preemption = _Preemption()
   interval, previous, summary, preempted = [], None, {}, False

@@ -6,9 +6,11 @@ Pre-training (train/loop.py) and fine-tuning (evaluate/finetune.py) both log thr
 
 import json
 import os
+from typing import Iterable
 
 import jax
 from etils import epath
+from tqdm import tqdm
 
 from cim_jax.train.checkpoint import is_local
 
@@ -70,3 +72,11 @@ class MetricsWriter:
     if self.enabled:
       self.tb.close()
       self.jsonl.close()
+
+
+def progress(iterable: Iterable, *, enabled: bool, desc: str = "", total: int | None = None
+             ) -> Iterable:
+  """`tqdm` around `iterable` when enabled (and only on the first process)."""
+  if not enabled or jax.process_index() != 0:
+    return iterable
+  return tqdm(iterable, desc=desc, total=total, leave=False)

@@ -1,21 +1,21 @@
-"""Pieces shared by the evaluation protocols: labelled data, encoder building and loading, flags."""
+"""Labelled images for kNN, the linear probe and fine-tuning: in-memory sets and streamed records.
+
+The small embedded sets ('digits', 'lfw') are `Labelled` arrays; ImageFolder and TFDS splits are
+`LabelledRecords` that read one image per record, so a grain pipeline over them streams any size.
+"""
 
 import dataclasses
 import os
-from typing import Any, Callable, Iterable
+from typing import Any
 
-import jax
-import jax.numpy as jnp
+import grain
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from cim_jax.config_validation import ConfigError
-
-
-def data_mesh() -> Mesh:
-  """A one-axis ('data',) mesh over every local device: evaluation needs no parameter sharding."""
-  return Mesh(np.asarray(jax.local_devices()), ("data",))
+from cim_jax.data import augment
+from cim_jax.data import decode
+from cim_jax.data import sources
+from cim_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,6 @@ class Labelled:
 
   def labelled(self, index: int):
     """(ImageRecord of the image array, label): the interface of the labelled file sources."""
-    from cim_jax.data import sources
     index = int(index)
     return sources.ImageRecord(f"array[{index}]", self.images[index]), int(self.labels[index])
 
@@ -105,7 +104,6 @@ def as_labelled(source: Any) -> Labelled:
 
 def labelled_splits(config) -> tuple[Labelled, Labelled]:
   """The train / test halves of the config's embedded labelled set, at eval.image_size."""
-  from cim_jax.data import sources
   name, size = config.eval.labelled_source, int(config.eval.image_size)
   train = as_labelled(sources.embedded_labelled(name, "train", image_size=size))
   test = as_labelled(sources.embedded_labelled(name, "test", image_size=size))
@@ -138,7 +136,6 @@ class LabelledRecords:
     return len(self.source)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    from cim_jax.data import decode, sources
     record, label = self.source.labelled(index)
     try:
       image = sources.load_image(record)
@@ -158,7 +155,6 @@ def imagefolder_splits(train_root: str, eval_root: str, keys: tuple[str, str]
 
   `keys` name the config keys of the two roots in errors.
   """
-  from cim_jax.data import sources
   for root, key in zip((train_root, eval_root), keys):
     if not root:
       raise ConfigError(f"{key} must name an ImageFolder directory (root/<class>/<image>)")
@@ -177,7 +173,6 @@ def tfds_splits(name: str, train_split: str, eval_split: str, data_dir: str = ""
                 image_key: str = "image", label_key: str = "label"
                 ) -> tuple[LabelledRecords, LabelledRecords]:
   """Train / eval splits of a TFDS dataset prepared as array_record, read without TensorFlow."""
-  from cim_jax.data import sources
   if not name:
     raise ConfigError("no TFDS dataset name given")
   splits = [sources.TfdsLabelledSource(name, split, data_dir, image_key, label_key)
@@ -214,7 +209,6 @@ class EvalCrop:
     self.size, self.crop_pct = int(size), float(crop_pct)
 
   def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
-    from cim_jax.evaluate import augment
     return {"image": augment.eval_transform(record["image"], self.size, self.crop_pct),
             "label": record["label"]}
 
@@ -226,7 +220,6 @@ def eval_batches(records, image_size: int, batch_size: int, crop_pct: float = 0.
   A grain pipeline: records are read, decoded and centre-cropped by `read_threads` threads up
   to two batches ahead, so only those are in memory; the last batch may be smaller.
   """
-  import grain
   if len(records) == 0:
     raise ConfigError(f"no labelled images in {records!r}")
   ds = grain.MapDataset.source(records).map(EvalCrop(image_size, crop_pct))
@@ -234,86 +227,3 @@ def eval_batches(records, image_size: int, batch_size: int, crop_pct: float = 0.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, int(read_threads)),
                                             prefetch_buffer_size=2 * int(batch_size)))
   return ds.batch(int(batch_size), drop_remainder=False)
-
-
-def build_encoder(model_cfg, *, pool: str = "none", num_classes: int = 0, **overrides):
-  """The `VisionTransformer` of `model_cfg.variant` (pool 'none': all tokens, final-normed)."""
-  from cim_jax.models import vit
-  return vit.encoder_from_config(model_cfg, pool=pool, num_classes=num_classes, **overrides)
-
-
-def init_encoder_params(encoder, image_size: int, seed: int):
-  """Randomly initialised encoder parameters (the 'before pre-training' reference)."""
-  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  # jit: eager initialisation dispatches op by op and is many times slower on CPU.
-  return jax.jit(lambda rng: encoder.init(rng, dummy, train=False))(jax.random.key(seed))["params"]
-
-
-def load_checkpoint(config, checkpoint: str | None = None, model=None) -> dict:
-  """{'params', 'target_params'} of a work dir of this project or an authors' .pth file.
-
-  Raises a one-line error when the checkpoint's encoder is not `config.model.variant`.
-  """
-  checkpoint = checkpoint or config.checkpoint
-  if not checkpoint:
-    raise ConfigError("no checkpoint given (set --config.checkpoint=WORKDIR_OR_PTH)")
-  from cim_jax.models import cim
-  from cim_jax.train import checkpoint as ckpt
-  ckpt.check_warm_start_path(checkpoint, "config.checkpoint")  # a work dir or weights file
-  if model is None:
-    # Fine-tuning configs have no pair settings; the CIM model only needs them for shapes.
-    from cim_jax import config_defaults
-    data_cfg = config.data if "context_size" in config.data else config_defaults.data_config()
-    model = cim.build_model(config.model, data_cfg)
-  loaded = ckpt.load_warm_start(checkpoint, model, NamedSharding(data_mesh(), PartitionSpec()))
-  check_encoder_params(loaded["params"]["encoder"], config.model, checkpoint)
-  return loaded
-
-
-def load_encoder_params(config, checkpoint: str | None = None):
-  """Online-encoder parameters of a checkpoint (see `load_checkpoint`)."""
-  return load_checkpoint(config, checkpoint)["params"]["encoder"]
-
-
-def check_encoder_params(encoder_params, model_cfg, where: str = "checkpoint"):
-  """Raises a one-line error when parameters come from a different ViT variant than the config."""
-  from cim_jax.models import vit
-  spec = vit.decode_variant(model_cfg.variant)
-  depth = sum(1 for k in encoder_params if k.startswith("blocks_"))
-  kernel_shape = np.shape(encoder_params["patch_embed"]["kernel"])  # (p, p, 3, width)
-  found = dict(depth=depth, width=int(kernel_shape[-1]), patch_size=int(kernel_shape[0]))
-  wanted = {k: spec[k] for k in found}
-  if found != wanted:
-    raise ConfigError(f"{where} holds a ViT with {_describe(found)}, but model.variant="
-                     f"{model_cfg.variant!r} needs {_describe(wanted)}")
-  return encoder_params
-
-
-def _describe(sizes: dict) -> str:
-  return ", ".join(f"{k} {v}" for k, v in sizes.items())
-
-
-def progress(iterable: Iterable, *, enabled: bool, desc: str = "", total: int | None = None
-             ) -> Iterable:
-  """`tqdm` around `iterable` when enabled (and only on the first process)."""
-  if not enabled or jax.process_index() != 0:
-    return iterable
-  from tqdm import tqdm
-  return tqdm(iterable, desc=desc, total=total, leave=False)
-
-
-def run(main: Callable, *, prog: str, default_config: str = "configs/cim_vit_tiny.py",
-        flags: dict[str, str] | None = None):
-  """Entry point in the style of pre-training: `--config=FILE --config.key=value [--flag=...]`.
-
-  Calls `main(config, **flags)`. The user's mistakes (a ConfigError, a path that does not exist,
-  an image that cannot be decoded) end the program with `error: ...` and status 2; anything else
-  is an internal failure, named with where it was raised, status 1 (see cli.run_or_exit).
-  """
-  import sys
-  from cim_jax import cli
-  from cim_jax.data import decode
-  config, flag_values = cli.parse_or_exit(sys.argv[1:], default_config=default_config,
-                                          flags=dict(flags or {}), validate=False, prog=prog)
-  return cli.run_or_exit(main, config, **flag_values,
-                         user_errors=(ConfigError, FileNotFoundError, decode.UndecodableImage))

@@ -10,16 +10,14 @@ import uuid
 
 from etils import epath
 
-from cim_jax.config_validation import ConfigError
+from cim_jax.data import sources
+from cim_jax.errors import ConfigError
+from cim_jax.train import warm_start
 
-
-def _image_extensions():
-  from cim_jax.data import sources  # pylint: disable=g-import-not-at-top
-  return sources.IMAGE_EXTENSIONS
 
 
 def _is_image(name: str) -> bool:
-  return name.lower().endswith(_image_extensions()) and not name.startswith(".")
+  return name.lower().endswith(sources.IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
 def check_imagefolder(root: str, key: str) -> None:
@@ -43,7 +41,7 @@ def check_imagefolder(root: str, key: str) -> None:
     raise ConfigError(f"{key}={root!r} cannot be read: {e.strerror}") from None
   if not os.access(root, os.R_OK | os.X_OK):
     raise ConfigError(f"{key}={root!r} cannot be read: permission denied")
-  raise ConfigError(f"{key}={root!r} holds no image files ({', '.join(_image_extensions())}); "
+  raise ConfigError(f"{key}={root!r} holds no image files ({', '.join(sources.IMAGE_EXTENSIONS)}); "
                     "expected root/<class>/<image>")
 
 
@@ -123,6 +121,5 @@ def check_pretraining(config, workdir: str) -> None:
     if config.eval.pretext_iou or config.eval.visualize:
       check_tfds(d.tfds_name, d.tfds_data_dir, d.tfds_heldout_split, "config.data",
                  "tfds_heldout_split")
-  from cim_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
-  checkpoint.check_warm_start_path(config.init_from, "config.init_from")
+  warm_start.check_warm_start_path(config.init_from, "config.init_from")
   check_workdir(workdir)
