@@ -13,7 +13,7 @@ from cim_jax.data import labelled
 from cim_jax.data import sources
 from cim_jax.data import augment
 from cim_jax.evaluate import finetune, knn, linear_probe
-from tests import train_fixtures  # registers the tiny "Mu" ViT size
+from train_fixtures import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TFDS_DIR = os.path.join(REPO, "tests", "fixtures", "tfds")
@@ -52,7 +52,7 @@ def in_memory(records: labelled.LabelledRecords) -> labelled.Labelled:
 
 
 def eval_config(**eval_overrides):
-  config = train_fixtures.tiny_config()
+  config = tiny_config()
   config.eval.image_size = SIZE
   config.eval.batch_size = 32
   config.eval.crop_pct = CROP_PCT

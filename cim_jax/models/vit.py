@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 # (width, depth, num_heads) of the standard ViT sizes; the patch size comes from the variant string.
+# "Mu" is a 2-block, 64-wide ViT that compiles in seconds: tests and CPU smoke runs.
 _SIZES = {
+    "Mu": (64, 2, 2),
     "Ti": (192, 12, 3),
     "T": (192, 12, 3),
     "S": (384, 12, 6),
