@@ -1,6 +1,7 @@
 """Fine-tuning: layer-wise lr decay, mixup / erasing, overfitting, save / restore, bad input."""
 
 import json
+import socket
 import subprocess
 import sys
 import types
@@ -308,15 +309,44 @@ def test_fsdp_shards_the_params_and_trains_like_one_replica(tmp_path):
                                atol=1e-5, err_msg=name)
 
 
-def _fsdp_child(workdir: str):
+def test_two_processes_fine_tune_with_the_state_sharded_across_them(tmp_path):
+  """mesh.fsdp=2 over two processes of one CPU device: each holds half of every large leaf,
+  trains on its share of the batch, evaluates with the sharded params, and both agree."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen(
+      [sys.executable, __file__, str(tmp_path), "multi"], stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True, env=train_fixtures.subprocess_env(
+          devices=1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=2,
+          JAX_PROCESS_ID=i)) for i in range(2)]
+  for proc in procs:
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+  reports = [json.loads((tmp_path / f"report_process{i}.json").read_text())["2"]
+             for i in range(2)]
+  assert reports[0]["devices"] == 2 and reports[0]["qkv_shard"] == [64, 96]
+  assert "params['blocks_1']['attn']['qkv']['kernel']" in reports[0]["sharded"]
+  assert reports[0] == reports[1]  # the same loss and accuracy on both processes
+  params = [np.load(tmp_path / f"fsdp2_process{i}.npz") for i in range(2)]
+  for name in params[0].files:
+    np.testing.assert_array_equal(params[0][name], params[1][name], err_msg=name)
+
+
+def _fsdp_child(workdir: str, multi: bool = False):
   """Runs in a fresh process with 4 CPU devices (the test above): fine-tunes the Mu ViT 3 steps
-  with mesh.fsdp 1 and 2; writes the params, losses and shardings to workdir."""
+  with mesh.fsdp 1 and 2; writes the params, losses and shardings to workdir. `multi`: one of
+  two processes of one CPU device each, mesh.fsdp 2 only (sharded across the processes)."""
+  from cim_jax import sharding  # pylint: disable=g-import-not-at-top
   from cim_jax.train import loop  # pylint: disable=g-import-not-at-top
+  if multi:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    sharding.maybe_initialize_distributed()
   states, run = [], loop.run
   loop.run = lambda *args, **kwargs: states.append(run(*args, **kwargs)) or states[-1]
   tiny_labelled_subset(types.SimpleNamespace(setattr=setattr))
-  report = {}
-  for fsdp in (1, 2):
+  report, suffix = {}, f"_process{jax.process_index()}" if multi else ""
+  for fsdp in (2,) if multi else (1, 2):
     config = tiny_config(steps=3)
     config.model.variant = "Mu/16"  # 64 wide, 2 blocks (registered by train_fixtures)
     config.mesh.fsdp = fsdp
@@ -325,22 +355,22 @@ def _fsdp_child(workdir: str):
     config.mixup.prob = 1.0  # the random parts must not depend on the sharding either
     config.data.random_erase_prob = 0.25
     result = finetuning.finetune(config, f"{workdir}/run{fsdp}")
-    state = states[-1][0]
+    state, summary, _ = states[-1]
     leaves = {f"{name}{jax.tree_util.keystr(p)}": x
               for name, tree in (("params", state.params), ("opt", state.opt_state))
               for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
     sharded = [k for k, x in leaves.items() if "fsdp" in jax.tree.leaves(tuple(x.sharding.spec))]
     qkv = state.params["blocks_1"]["attn"]["qkv"]["kernel"]
     losses = [json.loads(line)["loss"] for line in
-              open(f"{workdir}/run{fsdp}/metrics.jsonl", encoding="utf-8")]
+              open(f"{workdir}/run{fsdp}/metrics.jsonl", encoding="utf-8")] if not multi else []
     report[fsdp] = dict(devices=jax.device_count(), mesh=dict(qkv.sharding.mesh.shape),
                         sharded=sharded, qkv_shard=list(qkv.sharding.shard_shape(qkv.shape)),
-                        losses=losses, top1=result["last_top1"])
-    flat = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
-    np.savez(f"{workdir}/fsdp{fsdp}.npz", **flat)
-  with open(f"{workdir}/report.json", "w", encoding="utf-8") as f:
+                        losses=losses, last_loss=summary["loss"], top1=result["last_top1"])
+    flat = traverse_util.flatten_dict(sharding.to_host(state.params), sep="/")
+    np.savez(f"{workdir}/fsdp{fsdp}{suffix}.npz", **flat)
+  with open(f"{workdir}/report{suffix}.json", "w", encoding="utf-8") as f:
     json.dump(report, f)
 
 
 if __name__ == "__main__":
-  _fsdp_child(sys.argv[1])
+  _fsdp_child(sys.argv[1], multi=sys.argv[2:] == ["multi"])
