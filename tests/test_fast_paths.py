@@ -1,4 +1,4 @@
-"""Fast default-suite versions of checks that used to run only under `-m slow`, and kNN pooling.
+"""Fast default-suite checks of paths the slow tests also cover, and kNN pooling.
 
 - the grain pipeline with 1 worker process gives the batches of 0 workers and resumes exactly;
 - a fine-tuning run stopped after 2 steps and resumed for 2 more equals 4 straight steps;
