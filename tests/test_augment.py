@@ -11,7 +11,6 @@ from PIL import Image, ImageOps
 from timm.data import auto_augment as timm_aa
 
 from cim_jax.data import labelled
-from cim_jax import cli
 from cim_jax.data import photometric
 from cim_jax.data import augment
 
