@@ -43,8 +43,7 @@ T_GUARDS = "tests/test_training_guards.py"
 T_LEARN = "tests/test_learning.py"
 T_FAST = "tests/test_fast_paths.py"
 T_PAIRS = "tests/test_pairs.py"
-_DECAY_MASK_LINE = ("decay_mask = to_bool(model.weight_decay_mask(abstract_params, "
-                    "config.optim.wd_exempt))")
+_DECAY_MASK_LINE = "decay = weight_decay_mask(params, o.wd_exempt)"
 
 MUTATIONS = [
     # --- bugs the default suite used to miss -------------------------------------------------
@@ -60,14 +59,14 @@ MUTATIONS = [
              '(("pretrained", encoder_params), ("random_init", None))',
              '(("pretrained", None), ("random_init", None))',
              (f"{T_LEARN}::test_report_evaluates_trained_and_initial_parameters",), "the report's pretrained kNN computed with the random init"),
-    Mutation("decay_every_leaf", "cim_jax/train/step.py",
+    Mutation("decay_every_leaf", "cim_jax/train/optimizer.py",
              _DECAY_MASK_LINE,
-             "decay_mask = jax.tree.map(lambda _: True, abstract_params)",
+             "decay = jax.tree.map(lambda _: True, params)",
              (f"{T_GUARDS}::test_build_trainer_decays_exactly_the_listed_leaves",),
              "build_trainer decays every leaf"),
-    Mutation("wd_exempt_ignored", "cim_jax/train/step.py",
+    Mutation("wd_exempt_ignored", "cim_jax/train/optimizer.py",
              _DECAY_MASK_LINE,
-             "decay_mask = to_bool(model.weight_decay_mask(abstract_params))",
+             "decay = weight_decay_mask(params)",
              (f"{T_GUARDS}::test_build_trainer_decays_exactly_the_listed_leaves",),
              "build_trainer ignores optim.wd_exempt"),
     Mutation("adam_b2_fixed", "cim_jax/train/optimizer.py",
@@ -124,7 +123,7 @@ MUTATIONS = [
              "grid = ((0.0, 0.0), (0.0, e), (e, e), (e, 0.0))  # TL, TR, BR, BL",
              (f"{T_PAIRS}::test_label_corners_are_the_exemplar_tl_tr_br_bl",),
              "label corners in TL, BL, BR, TR order (same mask, mirrored label)"),
-    Mutation("mask_edge_order", "cim_jax/data/pairs.py",
+    Mutation("mask_edge_order", "cim_jax/geometry.py",
              "end = xp.concatenate([corners[..., 1:, :], corners[..., :1, :]], axis=-2)",
              "end = xp.concatenate([corners[..., 2:, :], corners[..., :2, :]], axis=-2)",
              (f"{T_PAIRS}::test_exemplar_warped_back_matches_context_inside_the_mask",),
@@ -160,9 +159,8 @@ MUTATIONS = [
     Mutation("ema_update_weight", "cim_jax/train/step.py",
              "step_size=1.0 - momentum)", "step_size=momentum)",
              (f"{T_GUARDS}::test_ema_update_directly",), "EMA weights swapped"),
-    Mutation("decay_mask_norms", "cim_jax/models/cim.py",
-             "if len(getattr(leaf, \"shape\", np.shape(leaf))) <= 1:",
-             "if len(getattr(leaf, \"shape\", np.shape(leaf))) < 1:",
+    Mutation("decay_mask_norms", "cim_jax/train/optimizer.py",
+             "{p: len(x.shape) > 1 and not", "{p: len(x.shape) > 0 and not",
              (f"{T_GUARDS}::test_build_trainer_decays_exactly_the_listed_leaves",),
              "biases and norm parameters decayed"),
     Mutation("loss_channel_order", "cim_jax/models/cim.py",
@@ -175,16 +173,16 @@ MUTATIONS = [
              ("tests/test_cim_model.py::test_correlation_loss_equals_hand_computation",),
              "correlation_loss channel order swapped"),
     # --- slow-only paths, now with fast tests --------------------------------------------------
-    Mutation("finetune_resume_without_data_state", "cim_jax/evaluate/finetune.py",
-             "restored = checkpointer.restore_latest(runner.abstract_state(), data_iterator, "
-             "saved_config,",
-             "restored = checkpointer.restore_latest(runner.abstract_state(), "
-             "iter(train_dataset(config, train_source)), saved_config,",
+    Mutation("finetune_resume_without_data_state", "cim_jax/train/loop.py",
+             "restored = checkpointer.restore_latest(task.trainer.abstract_sharded_state(), "
+             "task.data,",
+             "restored = checkpointer.restore_latest(task.trainer.abstract_sharded_state(), "
+             "None,",
              (f"{T_FAST}::test_finetune_resume_is_exact",),
              "fine-tuning resumes the state but restarts the data"),
-    Mutation("finetune_resume_skips_a_step", "cim_jax/evaluate/finetune.py",
-             "steps = range(int(state.step), runner.total_steps)",
-             "steps = range(int(state.step) + (int(state.step) > 0), runner.total_steps)",
+    Mutation("finetune_resume_skips_a_step", "cim_jax/train/loop.py",
+             "for step in range(start, total):",
+             "for step in range(start + (start > 0), total):",
              (f"{T_FAST}::test_finetune_resume_is_exact",),
              "a resumed fine-tuning run skips the step after its checkpoint"),
     Mutation("grain_worker_batches_not_copied", "cim_jax/data/pipeline.py",

@@ -6,6 +6,7 @@ compilation, instead of a traceback (absl's config_flags raises deep inside flag
 
 import logging
 import os
+import signal
 import sys
 import traceback
 from typing import Callable
@@ -15,6 +16,10 @@ import ml_collections
 from cim_jax import config_validation
 from cim_jax.data import decode
 from cim_jax.errors import ConfigError, RunStopped
+
+# What the tools report as the user's mistake (exit 2): also a path that does not exist and an
+# image that cannot be decoded.
+USER_ERRORS = (ConfigError, FileNotFoundError, decode.UndecodableImage)
 
 
 class _OneLineLibraryErrors(logging.Filter):
@@ -128,6 +133,21 @@ def run_or_exit(fn, *args, user_errors=(ConfigError,), **kwargs):
     sys.exit(1)
 
 
+def run_training(fn, config, workdir: str, **kwargs) -> dict:
+  """`run_or_exit(fn, config, workdir)` for a trainer: a run stopped by SIGINT / SIGTERM after
+  its checkpoint (result['signal']), or a Ctrl-C outside the steps, exits with 128 + signal."""
+  try:
+    result = run_or_exit(fn, config, workdir, **kwargs)
+  except KeyboardInterrupt:  # start-up, compilation, evaluation, or a second Ctrl-C
+    print(f"error: interrupted; {workdir} keeps its last finished checkpoint", file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
+  if result.get("signal"):
+    print(f"stopped by {signal.Signals(result['signal']).name}: checkpoint of step "
+          f"{result['step']} written; the same command resumes from it", file=sys.stderr)
+    sys.exit(128 + result["signal"])
+  return result
+
+
 def run_tool(main: Callable, *, prog: str, default_config: str = "configs/cim_vit_tiny.py",
         flags: dict[str, str] | None = None):
   """Entry point in the style of pre-training: `--config=FILE --config.key=value [--flag=...]`.
@@ -138,5 +158,4 @@ def run_tool(main: Callable, *, prog: str, default_config: str = "configs/cim_vi
   """
   config, flag_values = parse_or_exit(sys.argv[1:], default_config=default_config,
                                           flags=dict(flags or {}), validate=False, prog=prog)
-  return run_or_exit(main, config, **flag_values,
-                         user_errors=(ConfigError, FileNotFoundError, decode.UndecodableImage))
+  return run_or_exit(main, config, **flag_values, user_errors=USER_ERRORS)

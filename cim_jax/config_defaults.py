@@ -204,10 +204,11 @@ def finetune_config(preset: str = "base") -> ml_collections.ConfigDict:
   c.model = model_config(p["variant"])
   c.model.drop_path_rate = 0.1
   c.model.remat = p.get("remat", False)
+  c.model.freeze_patch_embed = False  # the release fine-tunes the patch projection too
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "embedded"  # "embedded" (data.sources.embedded_labelled), "imagefolder", "tfds"
-  c.data.labelled_source = "digits"  # embedded set: "digits" or "lfw"
+  # "digits" / "lfw" (embedded, in memory), "imagefolder" or "tfds" (streamed).
+  c.data.source = "digits"
   c.data.root = ""  # ImageFolder train root (root/<class>/<image>)
   c.data.eval_root = ""  # ImageFolder evaluation root (same class folders)
   c.data.tfds_name = "imagenet2012"  # source="tfds" (prepared as array_record)
@@ -252,6 +253,10 @@ def finetune_config(preset: str = "base") -> ml_collections.ConfigDict:
   # cls token (the pre-training set).
   c.optim.wd_exempt = "1d+tokens"
   c.optim.grad_clip_norm = 0.0  # 0 disables (the MAE / CIM fine-tuning recipe does not clip)
+  c.optim.accum_steps = 1  # gradient accumulation (optimizer steps every accum_steps batches)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.fsdp = p.get("fsdp", 1)  # parameter / optimizer sharding axis size; data axis = rest
 
   c.log_every_steps = 50
   c.eval_every_steps = -1  # -1: once per epoch (and at the end)

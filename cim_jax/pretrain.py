@@ -12,7 +12,7 @@ error (`internal error: ...` and a traceback); 130 / 143 stopped by SIGINT (Ctrl
 after writing a checkpoint at the current step (a second Ctrl-C stops at once, without one).
 """
 
-import signal
+import functools
 import sys
 
 from cim_jax import cli
@@ -39,21 +39,11 @@ def main(argv: list[str] | None = None) -> None:
   cli.configure_logging()
   cli.exit_on_config_error(preflight.check_pretraining, config, flags["workdir"])
 
-  try:
-    evaluate = None
-    if config.eval.pretext_iou or config.eval.knn or config.eval.visualize:
-      evaluate = report.evaluate_run
-    metrics = cli.run_or_exit(loop.train_and_evaluate, config, flags["workdir"],
-                              evaluate=evaluate)
-  except KeyboardInterrupt:
-    # Outside the training steps (start-up, compilation, evaluation) or a second Ctrl-C.
-    print(f"error: interrupted; {flags['workdir']} keeps its last finished checkpoint",
-          file=sys.stderr)
-    sys.exit(128 + signal.SIGINT)
-  if metrics.get("signal"):
-    print(f"stopped by {signal.Signals(metrics['signal']).name}: checkpoint of step "
-          f"{metrics['step']} written; the same command resumes from it", file=sys.stderr)
-    sys.exit(128 + metrics["signal"])
+  evaluate = None
+  if config.eval.pretext_iou or config.eval.knn or config.eval.visualize:
+    evaluate = report.evaluate_run
+  cli.run_training(functools.partial(loop.train_and_evaluate, evaluate=evaluate), config,
+                   flags["workdir"])
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cim_jax.errors import ConfigError
+
 DATA_AXES = ("data", "fsdp")  # the batch is split over every device, fsdp devices included
 
 
@@ -68,7 +70,7 @@ def make_mesh(fsdp: int = 1) -> Mesh:
   """A ('data', 'fsdp') mesh over all devices of all processes; data = devices / fsdp."""
   n = jax.device_count()
   if fsdp < 1 or n % fsdp:
-    raise ValueError(f"mesh.fsdp={fsdp} must be >= 1 and divide the device count {n}")
+    raise ConfigError(f"mesh.fsdp={fsdp} must be >= 1 and divide the device count {n}")
   try:
     devices = mesh_utils.create_device_mesh((n // fsdp, fsdp), allow_split_physical_axes=True)
   except (ValueError, NotImplementedError, AssertionError):
@@ -136,6 +138,12 @@ def process_batch_size(global_batch_size: int) -> int:
   """This process's share of the global batch, with a clear error when it does not split."""
   n_dev, n_proc = jax.device_count(), jax.process_count()
   if global_batch_size % n_dev:
-    raise ValueError(f"batch_size={global_batch_size} must be divisible by the number of devices "
-                     f"({n_dev})")
+    raise ConfigError(f"batch_size={global_batch_size} must be divisible by the number of "
+                      f"devices ({n_dev})")
   return global_batch_size // n_proc
+
+
+def pad_rows(batch: np.ndarray, size: int) -> np.ndarray:
+  """`batch` with copies of its last row appended up to `size` rows (one compiled shape for a
+  short last batch; the caller drops the padded rows' outputs)."""
+  return np.concatenate([batch, np.repeat(batch[-1:], size - len(batch), axis=0)])

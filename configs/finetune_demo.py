@@ -1,6 +1,6 @@
 """Fine-tuning demo: the demo pre-training's ViT-Tiny on the embedded digits, on CPU in minutes.
 
-python -m cim_jax.evaluate.finetune --config=configs/finetune_demo.py --workdir=workdirs/ftdemo \
+python -m cim_jax.finetune --config=configs/finetune_demo.py --workdir=workdirs/ftdemo \
     [--config.init_from=workdirs/demo]
 
 The recipe of configs/finetune_vit_tiny.py (layer-wise lr decay, RandAugment, mixup / cutmix,
@@ -22,8 +22,7 @@ def get_config():
   config = config_defaults.finetune_config("tiny")
   if os.path.isdir(os.path.join(DEMO_PRETRAINING, "checkpoints")):
     config.init_from = DEMO_PRETRAINING
-  config.data.source = "embedded"
-  config.data.labelled_source = "digits"
+  config.data.source = "digits"
   config.data.image_size = 64
   config.data.eval_batch_size = 120
   config.data.num_workers = 0

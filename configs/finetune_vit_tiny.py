@@ -1,6 +1,6 @@
 """Supervised fine-tuning of a CIM-pretrained ViT-Tiny: the recipe of docs/METHOD.md section 5.
 
-python -m cim_jax.evaluate.finetune --config=configs/finetune_vit_tiny.py --workdir=DIR \
+python -m cim_jax.finetune --config=configs/finetune_vit_tiny.py --workdir=DIR \
     --config.init_from=PRETRAIN_WORKDIR_OR_PTH [--config.key=value ...]
 """
 

@@ -9,7 +9,7 @@ from etils import epath
 import jax
 import pytest
 
-from cim_jax.evaluate import finetune_lib
+from cim_jax.train import finetuning
 from train_fixtures import XLA_CACHE
 
 
@@ -31,8 +31,8 @@ def compilation_cache():
 @pytest.fixture
 def tiny_classifier(monkeypatch):
   """Fine-tuning builds a 2-block classifier of the configured width: fast tests."""
-  build = finetune_lib.build_classifier
-  monkeypatch.setattr(finetune_lib, "build_classifier",
+  build = finetuning.build_classifier
+  monkeypatch.setattr(finetuning, "build_classifier",
                       lambda config, num_classes: build(config, num_classes).clone(depth=2))
 
 

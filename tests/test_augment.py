@@ -11,7 +11,6 @@ from PIL import Image, ImageOps
 from timm.data import auto_augment as timm_aa
 
 from cim_jax.data import labelled
-from cim_jax import cli
 from cim_jax.data import photometric
 from cim_jax.data import augment
 
@@ -129,7 +128,8 @@ def test_a_crash_inside_the_finetuning_pipeline_is_internal_not_a_config_error(
     monkeypatch, capsys, tmp_path):
   """An op failing inside the grain pipeline: `internal error: <type>: <message> (raised at
   <file>:<line> ...)` and exit 1, not the `error: ...` / exit 2 of a user's mistake."""
-  from cim_jax.evaluate import finetune  # pylint: disable=g-import-not-at-top
+  from cim_jax import finetune  # pylint: disable=g-import-not-at-top
+  from cim_jax.train import finetuning  # pylint: disable=g-import-not-at-top
 
   def broken(image, level, rng):
     raise ValueError("bits must be between or equal to 1 and 8")
@@ -138,15 +138,13 @@ def test_a_crash_inside_the_finetuning_pipeline_is_internal_not_a_config_error(
                       {name: broken for name in augment.RAND_INCREASING_OPS})
   images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
   source = labelled.LabelledRecords(labelled.Labelled(images, np.arange(8) % 2, 2))
-  monkeypatch.setattr(finetune, "labelled_sources", lambda config: (source, source, 2))
+  monkeypatch.setattr(finetuning, "labelled_sources", lambda config: (source, source, 2))
   monkeypatch.setattr("sys.argv", [
       "finetune", "--config=configs/finetune_vit_tiny.py", f"--workdir={tmp_path}",
       "--config.batch_size=8", "--config.num_train_steps=1", "--config.data.image_size=16",
       "--config.data.randaug_num_ops=2", "--config.progress_bar=false"])
   with pytest.raises(SystemExit) as exit_info:
-    cli.run_tool(finetune.main, prog="cim_jax.evaluate.finetune",
-               default_config="configs/finetune_vit_tiny.py",
-               flags={"workdir": "", "eval_only": "false"})
+    finetune.main()
   assert exit_info.value.code == 1
   first = capsys.readouterr().err.splitlines()[0]
   assert first.startswith("internal error: ValueError: bits must be between or equal to 1 and 8"

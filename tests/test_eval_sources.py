@@ -12,7 +12,9 @@ from PIL import Image
 from cim_jax.data import labelled
 from cim_jax.data import sources
 from cim_jax.data import augment
-from cim_jax.evaluate import finetune, knn, linear_probe
+from cim_jax import sharding
+from cim_jax.evaluate import knn, linear_probe
+from cim_jax.train import finetuning
 from train_fixtures import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,24 +133,25 @@ def test_labelled_tfds_fixture_reads_through_the_same_path():
 
 def test_finetune_data_reads_tfds_and_imagefolder(digit_folders):
   config = finetune_config(source="tfds", tfds_name="cim_tiny_photos", tfds_data_dir=TFDS_DIR)
-  train, test, num_classes = finetune.labelled_sources(config)
+  train, test, num_classes = finetuning.labelled_sources(config)
   assert (len(train), len(test), num_classes) == (6, 2, 2)
-  batch = next(iter(finetune.train_dataset(config, train)))
+  batch = next(iter(finetuning.train_dataset(config, train)))
   assert batch["image"].shape == (4, SIZE, SIZE, 3) and batch["image"].dtype == np.uint8
   assert set(batch["label"].tolist()) <= {0, 1}
   always_class_0 = lambda params, images: np.tile([1.0, 0.0], (len(images), 1))
-  assert finetune.evaluate(always_class_0, None, test, config) == {"top1": 50.0}
+  batches = sharding.batch_sharding(sharding.make_mesh(1))
+  assert finetuning.evaluate(always_class_0, None, test, config, batches) == {"top1": 50.0}
 
   config = finetune_config(source="imagefolder", root=digit_folders[0],
                            eval_root=digit_folders[1])
-  train, test, num_classes = finetune.labelled_sources(config)
+  train, test, num_classes = finetuning.labelled_sources(config)
   assert (len(train), len(test), num_classes) == (120, 48, 4)
-  assert finetune.evaluate(always_class_0, None, test, config)["top1"] == 25.0
+  assert finetuning.evaluate(always_class_0, None, test, config, batches)["top1"] == 25.0
 
   config = finetune_config(source="tfds", tfds_name="cim_tiny_photos", tfds_data_dir=TFDS_DIR,
                            num_classes=3)
   with pytest.raises(ValueError, match=r"has 2 classes but the head has .*num_classes=3"):
-    finetune.labelled_sources(config)
+    finetuning.labelled_sources(config)
 
 
 def finetune_config(**data_overrides):
@@ -187,8 +190,8 @@ def test_imagefolder_class_folders_must_agree(tmp_path, digit_folders):
   Image.new("RGB", (8, 8)).save(other / "a.png")
   with pytest.raises(ValueError, match="class folders differ: 4 under .*, 1 under"):
     labelled.imagefolder_splits(digit_folders[0], str(tmp_path / "other"), ("a", "b"))
-  with pytest.raises(ValueError, match="fine-tuning reads 'embedded', 'imagefolder' or 'tfds'"):
-    finetune.labelled_sources(finetune_config(source="csv"))
+  with pytest.raises(ValueError, match="source='csv' must be one of digits, lfw, imagefolder, tfds"):
+    finetuning.labelled_sources(finetune_config(source="csv"))
 
 
 def test_cli_reports_a_missing_root_in_one_line():

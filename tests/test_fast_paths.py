@@ -1,4 +1,4 @@
-"""Fast default-suite versions of checks that used to run only under `-m slow`, and kNN pooling.
+"""Fast default-suite checks of paths the slow tests also cover, and kNN pooling.
 
 - the grain pipeline with 1 worker process gives the batches of 0 workers and resumes exactly;
 - a fine-tuning run stopped after 2 steps and resumed for 2 more equals 4 straight steps;
@@ -12,15 +12,16 @@ import pytest
 
 from cim_jax.models import vit
 from cim_jax.train import metrics as metrics_lib
+from cim_jax.train import finetuning
 from cim_jax.data import labelled
 from cim_jax import config_defaults
 from cim_jax.data import pipeline
-from cim_jax.evaluate import finetune, knn
+from cim_jax.evaluate import knn
 from cim_jax.models import cim
 from train_fixtures import committed, read_checkpoint
 from train_fixtures import tiny_config as tiny_pretrain_config
 from test_finetune import tiny_config as tiny_finetune_config
-from test_finetune import tiny_labelled_subset
+from test_finetune import logged, tiny_labelled_subset
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
@@ -76,26 +77,25 @@ def test_finetune_resume_is_exact(tmp_path, monkeypatch, tiny_classifier):
   config.mixup.prob = 1.0  # the random parts must replay too
   config.data.random_erase_prob = 0.25
   config.data.flip_prob = 0.5
-  straight = finetune.finetune(config, str(tmp_path / "a"))
-  # The same run crashes after step 2 (checkpointed), then restarts on its work dir: one
-  # configuration, so one compilation serves all three runs.
-  progress = metrics_lib.progress
+  straight = finetuning.finetune(config, str(tmp_path / "a"))
+  # The same run crashes in step 3, after the checkpoint of step 2, then restarts on its work
+  # dir: one configuration, so one compilation serves all three runs.
+  write = metrics_lib.MetricsWriter.write
 
-  def crash_after_two(steps, **kwargs):
-    for step in progress(steps, **kwargs):
-      if step == 2:
-        raise _Crash()
-      yield step
+  def crash_at_three(self, step, scalars):
+    if step == 3:
+      raise _Crash()
+    write(self, step, scalars)
 
   with monkeypatch.context() as mp:
-    mp.setattr(metrics_lib, "progress", crash_after_two)
+    mp.setattr(metrics_lib.MetricsWriter, "write", crash_at_three)
     with pytest.raises(_Crash):
-      finetune.finetune(config, str(tmp_path / "b"))
+      finetuning.finetune(config, str(tmp_path / "b"))
   assert committed(str(tmp_path / "b"), 2) and not committed(str(tmp_path / "b"), 4)
-  resumed = finetune.finetune(config, str(tmp_path / "b"))
+  resumed = finetuning.finetune(config, str(tmp_path / "b"))
   assert resumed == straight
-  logs = [(tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in "ab"]
-  assert logs[0] == logs[1]  # steps 1-4: losses, lr, the step-4 accuracy
+  # Steps 1-4: losses, lr, the step-4 accuracy.
+  assert logged(tmp_path / "a") == logged(tmp_path / "b") and len(logged(tmp_path / "a")) == 4
   a, b = read_checkpoint(str(tmp_path / "a")), read_checkpoint(str(tmp_path / "b"))
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)

@@ -15,7 +15,7 @@ from train_fixtures import tiny_config as tiny_pretrain_config
 
 from cim_jax import cli
 from cim_jax.errors import ConfigError
-from cim_jax.evaluate import finetune
+from cim_jax.train import finetuning
 from cim_jax.train import memory
 from cim_jax.train import loop
 from cim_jax.train import step as step_lib
@@ -76,7 +76,7 @@ def test_finetuning_that_cannot_fit_stops_before_a_step(tmp_path, monkeypatch, t
   with pytest.raises(ConfigError, match=r"^batch_size=16 does not fit: the fine-tuning step "
                                         r"needs .* per device .* but the cpu device has "
                                         r"1.0 GiB \(fake\); "):
-    finetune.finetune(tiny_config(steps=2), str(tmp_path))
+    finetuning.finetune(tiny_config(steps=2), str(tmp_path))
   log = tmp_path / "metrics.jsonl"
   assert not log.exists() or not log.read_text()  # no step logged
   assert not (tmp_path / "checkpoints" / "1").exists()
@@ -95,16 +95,16 @@ def test_finetuning_largest_batch_estimate_fits(tmp_path, monkeypatch, tiny_clas
 
   monkeypatch.setattr(memory, "compile_step_that_fits", measuring)
   compiles = counted_compiles(monkeypatch)
-  finetune.finetune(tiny_config(steps=1), str(tmp_path / "fits"))
+  finetuning.finetune(tiny_config(steps=1), str(tmp_path / "fits"))
   assert len(compiles) == 1 and set(needed) == {16}
   budget = needed[16] - 1  # just too small: the estimate must step down and still fit
   fake_memory(monkeypatch, (budget, "fake"))
   with pytest.raises(ConfigError, match="largest batch that fits is about") as error:
-    finetune.finetune(tiny_config(steps=1), str(tmp_path / "too_big"))
+    finetuning.finetune(tiny_config(steps=1), str(tmp_path / "too_big"))
   suggested = int(str(error.value).rsplit("--config.batch_size=", 1)[1].rstrip(")"))
   assert 0 < suggested < 16
   config = tiny_config(steps=1)
   config.batch_size = suggested
   config.data.eval_batch_size = suggested
-  finetune.finetune(config, str(tmp_path / "suggested"))  # runs: no error
+  finetuning.finetune(config, str(tmp_path / "suggested"))  # runs: no error
   assert needed[suggested] <= budget

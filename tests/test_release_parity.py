@@ -11,8 +11,8 @@ the jitted train step `build_trainer` compiles for pre-training, started from th
 Fine-tuning: the release's optimizer (tools/main_finetune.py, engines/finetune.py, MAE's
 util/lr_decay.py param_groups_lrd): torch AdamW (0.9, 0.999) over layer-decay groups of a timm
 VisionTransformer (global average pool + fc_norm), cls token exempt from weight decay,
-per-iteration lr schedule to min_lr, LabelSmoothingCrossEntropy(0.1); ours is the Finetuner
-that `finetune.py` runs.
+per-iteration lr schedule to min_lr, LabelSmoothingCrossEntropy(0.1); ours is the trainer
+`finetuning.build_trainer` builds for `python -m cim_jax.finetune`.
 
 Attention key biases have an exactly zero gradient (softmax is shift-invariant); the float noise
 computed there is normalised by Adam into steps of up to +-lr on either side, so they are
@@ -35,7 +35,7 @@ import timm.loss  # noqa: E402  pylint: disable=wrong-import-position
 import torch_reference as ref  # noqa: E402  pylint: disable=wrong-import-position
 from cim_jax import config_defaults, interop, sharding  # noqa: E402
 from cim_jax.geometry import masks_from_corners  # noqa: E402
-from cim_jax.evaluate import finetune  # noqa: E402
+from cim_jax.train import finetuning  # noqa: E402
 from cim_jax.models import cim  # noqa: E402
 from cim_jax.train import schedules  # noqa: E402
 from cim_jax.train import state as state_lib  # noqa: E402
@@ -339,11 +339,12 @@ def _torch_finetune(runner, params, batches, *, layer_decay=0.8, weight_decay=0.
 
 def test_finetuning_trajectory_matches_the_release():
   config = _finetune_config()
-  runner = finetune.Finetuner(config, FT_CLASSES, num_train=FT_BATCH * FT_TOTAL)
+  counts = schedules.step_counts(config, FT_BATCH * FT_TOTAL)
+  runner = finetuning.build_trainer(config, FT_CLASSES, sharding.make_mesh(1), counts)
   state = runner.init_state(jax.random.key(0))
   params = _perturbed(state.params, seed=3, scale=0.1)
   state = jax.device_put(state.replace(params=params, opt_state=runner.tx.init(params)),
-                         runner.replicated)
+                         runner.state_shardings)
   rng = np.random.default_rng(4)
   batches = [{"image": rng.integers(0, 256, (FT_BATCH, FT_IMAGE, FT_IMAGE, 3), dtype=np.uint8),
               "label": rng.integers(0, FT_CLASSES, (FT_BATCH,)).astype(np.int32)}

@@ -27,7 +27,7 @@ from test_finetune import tiny_config as tiny_finetune_config
 from test_finetune import tiny_labelled_subset
 from train_fixtures import tiny_config
 
-from cim_jax.evaluate import finetune
+from cim_jax.train import finetuning
 from cim_jax.train import checkpoint, loop
 
 BUCKET = "gs://cim-remote-bucket"
@@ -103,16 +103,16 @@ def test_pretraining_resume_and_finetuning_on_gcs(fake_gcs_on_disk, tensorboard_
   ft = f"{BUCKET}/finetune"
   config = finetune_config(steps=2)
   config.init_from = pre
-  first = finetune.finetune(config, ft)
+  first = finetuning.finetune(config, ft)
   assert first["step"] == 2
   config.num_train_steps = 4
-  second = finetune.finetune(config, ft)  # checks the gs:// checkpoint, then resumes at 2
+  second = finetuning.finetune(config, ft)  # checks the gs:// checkpoint, then resumes at 2
   assert second["step"] == 4
   assert _steps(f"{ft}/metrics.jsonl") == [1, 2, 3, 4]
   assert list(epath.Path(ft, "tensorboard").iterdir())
-  evaluated = finetune.finetune(config, ft, eval_only=True)
+  evaluated = finetuning.finetune(config, ft, eval_only=True)
   assert evaluated["step"] == 4 and evaluated["top1"] == second["last_top1"]
   other = finetune_config(steps=1)
   other.model.variant = "Ti/16"
   with pytest.raises(ValueError, match="holds a fine-tuned Mu/16"):  # read through epath
-    finetune.finetune(other, ft)
+    finetuning.finetune(other, ft)

@@ -99,23 +99,23 @@ def test_finetuning_resume_checks_the_saved_state_too(tmp_path, monkeypatch, cap
   nothing; another input size (the sin-cos position table is rebuilt) resumes with a warning."""
   from test_finetune import tiny_config as finetune_config  # pylint: disable=g-import-not-at-top
   from test_finetune import tiny_labelled_subset  # pylint: disable=g-import-not-at-top
-  from cim_jax.evaluate import finetune, finetune_lib  # pylint: disable=g-import-not-at-top
-  build = finetune_lib.build_classifier
-  monkeypatch.setattr(finetune_lib, "build_classifier",
+  from cim_jax.train import finetuning  # pylint: disable=g-import-not-at-top
+  build = finetuning.build_classifier
+  monkeypatch.setattr(finetuning, "build_classifier",
                       lambda config, num_classes: build(config, num_classes).clone(depth=1))
   tiny_labelled_subset(monkeypatch)
   workdir = str(tmp_path / "ft")
-  finetune.finetune(finetune_config(steps=1), workdir)
+  finetuning.finetune(finetune_config(steps=1), workdir)
   before = snapshot(workdir)
   other = finetune_config(steps=2)
   other.model.mlp_ratio = 2.0
   with pytest.raises(checkpoint_lib.IncompatibleCheckpointError,
                      match=r"model.mlp_ratio: 4.0 -> 2.0 .*new --workdir") as error:
-    finetune.finetune(other, workdir)
+    finetuning.finetune(other, workdir)
   assert "init_from" not in str(error.value)
   assert snapshot(workdir) == before
   resized = finetune_config(steps=2)
   resized.data.image_size = 32
   with caplog.at_level(logging.WARNING):
-    assert finetune.finetune(resized, workdir)["step"] == 2
+    assert finetuning.finetune(resized, workdir)["step"] == 2
   assert "data.image_size: 16 -> 32" in caplog.text

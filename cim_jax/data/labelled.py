@@ -227,3 +227,11 @@ def eval_batches(records, image_size: int, batch_size: int, crop_pct: float = 0.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, int(read_threads)),
                                             prefetch_buffer_size=2 * int(batch_size)))
   return ds.batch(int(batch_size), drop_remainder=False)
+
+
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[str, float]:
+  """Percentage of rows whose label is among the `k` highest scores, for each k <= classes."""
+  order = np.argsort(-scores, axis=-1, kind="stable")
+  # top-k is trivially 100% once k reaches the class count
+  return {f"top{k}": float(100.0 * (order[:, :k] == np.asarray(labels)[:, None]).any(-1).mean())
+          for k in ks if k == 1 or k < scores.shape[-1]}

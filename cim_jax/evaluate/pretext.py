@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 from cim_jax import geometry
+from cim_jax import sharding
 
 
 def true_masks(corners: np.ndarray, size: int) -> np.ndarray:
@@ -25,8 +26,7 @@ def predict_correlation(model, params, target_params, model_state, batch: dict[s
              if k in ("context", "exemplars", "corners")}
     valid = chunk["context"].shape[0]
     if valid < batch_size and num > batch_size:  # pad so one compilation serves every chunk
-      chunk = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - valid, axis=0)])
-               for k, v in chunk.items()}
+      chunk = {k: sharding.pad_rows(v, batch_size) for k, v in chunk.items()}
     logits = apply(params, target_params, model_state or {}, chunk)
     chunks.append(np.asarray(logits)[:valid])
   return np.concatenate(chunks)

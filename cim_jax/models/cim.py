@@ -4,8 +4,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import traverse_util
 
 from cim_jax import geometry
 from cim_jax.models.decoder import CorrelationDecoder, upsample_align_corners
@@ -39,21 +37,6 @@ def correlation_loss_from_difference(logit_difference, masks):
   difference = logit_difference.astype(jnp.float32)
   nll = jax.nn.softplus(jnp.where(masks.astype(bool), -difference, difference))
   return nll.mean(axis=(0, 2, 3)).sum()
-
-
-def weight_decay_mask(params, exempt: str = "1d"):
-  """True = decayed. '1d' exempts biases and norm params (the authors' set, which decays the cls
-  token); '1d+tokens' also exempts the cls token. Works on arrays or ShapeDtypeStructs."""
-  if exempt not in ("1d", "1d+tokens"):
-    raise ValueError(f"weight-decay exemption must be '1d' or '1d+tokens', got {exempt!r}")
-
-  def decays(path, leaf):
-    if len(getattr(leaf, "shape", np.shape(leaf))) <= 1:
-      return False
-    return not (exempt == "1d+tokens" and path[-1] == "cls_token")
-
-  flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict({path: decays(path, leaf) for path, leaf in flat.items()})
 
 
 class CIMModel:
@@ -123,24 +106,6 @@ class CIMModel:
     return jax.tree.map(jnp.copy, target)
 
   # ------------------------------------------------------------------------------------------
-  # Masks for the optimizer.
-
-  def frozen_mask(self, params):
-    """True for parameters that never train (the patch projection when freeze_patch_embed)."""
-    freeze = bool(self.config.freeze_patch_embed)
-    flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict(
-        {path: freeze and path[:2] == ("encoder", "patch_embed") for path in flat})
-
-  def weight_decay_mask(self, params, exempt: str = "1d"):
-    """True = decayed (see the module-level `weight_decay_mask`)."""
-    return weight_decay_mask(params, exempt)
-
-  def _stop_frozen_gradients(self, params):
-    frozen = self.frozen_mask(params)
-    return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
-
-  # ------------------------------------------------------------------------------------------
   # Forward pass and losses.
 
   def encode_exemplars(self, encoder_params, exemplars, *, train: bool, rng=None):
@@ -180,7 +145,6 @@ class CIMModel:
     the targets of every device (the correlation loss then is this device's share; pmean it).
     """
     self._check_batch(batch)
-    params = self._stop_frozen_gradients(params)
     context = normalize_images(batch["context"], self.dtype)
     exemplars = normalize_images(batch["exemplars"], self.dtype)
     online_tokens = self.encode_exemplars(params["encoder"], exemplars, train=train, rng=rng)

@@ -1,4 +1,5 @@
-"""train_and_evaluate: mesh, model, state, data, the jitted step, logging, checkpoints, faults."""
+"""The training loop of both tasks (`run`): restore or start, one compilation, the steps, logging,
+periodic evaluation and checkpoints, faults and preemption; pre-training's task (`train`)."""
 
 import dataclasses
 import logging
@@ -15,7 +16,6 @@ from etils import epath
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from cim_jax.train import warm_start
 from cim_jax import errors
 from cim_jax import sharding
 from cim_jax.data import pipeline
@@ -27,6 +27,7 @@ from cim_jax.train import metrics as metrics_lib
 from cim_jax.train import schedules
 from cim_jax.train import state as state_lib
 from cim_jax.train import step as step_lib
+from cim_jax.train import warm_start
 
 
 class NonFiniteError(errors.RunStopped, FloatingPointError):
@@ -100,66 +101,70 @@ def _summarise(host_metrics: list) -> dict:
   return {k: float(np.mean([np.asarray(m[k], np.float64) for m in host_metrics])) for k in keys}
 
 
-def _progress_bar(config, total: int, initial: int):
+def _progress_bar(config, desc: str, total: int, initial: int):
   if not (config.progress_bar and jax.process_index() == 0):
     return None
-  return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+  return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
 
 
-def _train_data(config):
-  """This process's training iterator (its state is checkpointed) and the source's size."""
-  source = sources.make_source(config.data, "train")
-  size = len(source) if config.data.num_images <= 0 else min(config.data.num_images, len(source))
-  return iter(pipeline.make_dataset(config, "train", source=source)), size
+@dataclasses.dataclass
+class Task:
+  """What one kind of training gives the loop: its state, jitted step, data and evaluation."""
+  name: str  # "pre-training" / "fine-tuning": messages and the progress bar
+  trainer: step_lib.Trainer
+  init_state: Callable[[], Any]  # a fresh state in its shardings, warm start applied
+  abstract_batch: Any  # the global batch as ShapeDtypeStructs (the step is compiled for it)
+  data: Any  # this process's batch iterator; its (grain) state is checkpointed
+  counts: schedules.StepCounts
+  saved_config: ml_collections.ConfigDict  # saved with every checkpoint; a restore checks it
+  rng: jax.Array  # the step folds in the step number
+  warm_start_keys: tuple[str, ...] | None = ("params", "target_params")
+  # state -> (state, scalars to log), every eval_every_steps and after the last step.
+  evaluate: Callable[[Any], tuple[Any, dict]] | None = None
+  eval_every_steps: int = 0
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
-  """Trains (resuming from workdir when it holds a checkpoint) and returns the final state."""
-  warm_start.check_warm_start_path(config.init_from)
-  workdir_path = epath.Path(workdir)  # a local path or gs://... alike
-  workdir_path.mkdir(parents=True, exist_ok=True)
-  mesh = sharding.make_mesh(config.mesh.fsdp)
-  model = cim.build_model(config.model, config.data)
-  sharding.process_batch_size(config.batch_size)  # clear error when the batch does not split
-  data_iterator, num_examples = _train_data(config)
-  counts = schedules.step_counts(config, num_examples)
+def run(task: Task, config: ml_collections.ConfigDict, workdir: str, *,
+        restore_only: bool = False) -> tuple[Any, dict, dict]:
+  """Resumes `task` from workdir's newest checkpoint (or starts it) and trains it to the end.
 
-  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  trainer = step_lib.build_trainer(config, model, mesh, counts)
+  Returns (state, summary of the last logged interval with 'step' and 'preempted', the last
+  evaluation's scalars). `restore_only`: the restored state, untrained (a ConfigError when
+  there is no checkpoint).
+  """
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local path or gs://... alike
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
-  try:  # an incompatible checkpoint stops here: close orbax's manager before leaving
-    restored = checkpointer.restore_latest(trainer.abstract_sharded_state(), data_iterator,
-                                           config)
-  except BaseException:
-    checkpointer.close()
-    raise
-  if restored is not None:
-    logging.info("resuming from %s step %d", checkpointer.directory, restored[0])
-    state = restored[1]
-  else:
-    state = trainer.init_state(init_rng, state_lib.dummy_batch(config.data))
-    if config.init_from:
-      loaded = warm_start.load_warm_start(config.init_from, model, sharding.replicated(mesh))
-      state = warm_start.apply_warm_start(state, loaded, config.init_from)
-  train_step, batch_sharding = trainer.train_step, trainer.batch_sharding
-  train_step = memory.compile_step_that_fits(  # compiled once; too big: one line, exit 2
-      train_step, (state, memory.abstract_batch(config, batch_sharding), train_rng),
-      batch_size=config.batch_size, what="pre-training")
-
-  start = int(jax.device_get(state.step))
-  total = counts.train_steps
-  writer = metrics_lib.MetricsWriter(workdir_path)
-  bar = _progress_bar(config, total, start)
-  preemption = _Preemption()
-  interval, previous, summary, preempted = [], None, {}, False
-  data_wait, tick, tick_step = 0.0, time.perf_counter(), start
+  writer = bar = preemption = None
+  summary, evaluation, preempted = {}, {}, False
   try:
+    restored = checkpointer.restore_latest(task.trainer.abstract_sharded_state(), task.data,
+                                           task.saved_config,
+                                           warm_start_keys=task.warm_start_keys)
+    if restored is not None:
+      logging.info("resuming from %s step %d", checkpointer.directory, restored[0])
+      state = restored[1]
+    elif restore_only:
+      raise errors.ConfigError(f"no {task.name} checkpoint in {workdir}")
+    else:
+      state = task.init_state()
+    if restore_only:
+      return state, {}, {}
+    train_step = memory.compile_step_that_fits(  # compiled once; too big: one line, exit 2
+        task.trainer.train_step, (state, task.abstract_batch, task.rng),
+        batch_size=config.batch_size, what=task.name)
+    start, total = int(jax.device_get(state.step)), task.counts.train_steps
+    writer = metrics_lib.MetricsWriter(workdir)
+    bar = _progress_bar(config, task.name, total, start)
+    preemption = _Preemption()
+    interval, previous = [], None
+    data_wait, tick, tick_step = 0.0, time.perf_counter(), start
     for step in range(start, total):
       t0 = time.perf_counter()
-      host_batch = next(data_iterator)
+      host_batch = next(task.data)
       data_wait += time.perf_counter() - t0
-      state, metrics = train_step(state, sharding.global_batch(host_batch, batch_sharding),
-                                  train_rng)
+      state, metrics = train_step(state, sharding.global_batch(host_batch,
+                                                               task.trainer.batch_sharding),
+                                  task.rng)
       done = step + 1
       # Check the previous step while this one runs: one step of lag keeps dispatch async.
       if previous is not None:
@@ -167,23 +172,29 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       previous = metrics
       interval.append(metrics)
       preempted = preemption.reached(done)
-      save = done % config.checkpoint_every_steps == 0 or done == total or preempted
+      record = {}
       if done % config.log_every_steps == 0 or done == total or preempted:
         host = jax.device_get(interval)
         for offset, m in enumerate(host):
           _check_finite(m, done - len(host) + 1 + offset, checkpointer)
-        elapsed = time.perf_counter() - tick
         summary = _summarise(host)
-        summary.update(samples_per_second=(done - tick_step) * config.batch_size / elapsed,
-                       data_wait_seconds=data_wait, epoch=done / max(counts.steps_per_epoch, 1))
-        writer.write(done, summary)
+        summary.update(
+            samples_per_second=(done - tick_step) * config.batch_size / (
+                time.perf_counter() - tick),
+            data_wait_seconds=data_wait, epoch=done / max(task.counts.steps_per_epoch, 1))
+        record.update(summary)
         if bar is not None:
           bar.set_postfix(loss=f"{summary['loss']:.4f}",
                           samples_s=f"{summary['samples_per_second']:.1f}")
         interval, data_wait, tick, tick_step = [], 0.0, time.perf_counter(), done
-      if save:
+      if task.evaluate is not None and (done % task.eval_every_steps == 0 or done == total):
+        state, evaluation = task.evaluate(state)
+        record.update(evaluation)
+      if record:
+        writer.write(done, record)  # process 0 only
+      if done % config.checkpoint_every_steps == 0 or done == total or preempted:
         _check_finite(jax.device_get(metrics), done, checkpointer)
-        checkpointer.save(done, state, data_iterator, config)
+        checkpointer.save(done, state, task.data, task.saved_config)
       if bar is not None:
         bar.update(1)
       if preempted:
@@ -194,14 +205,45 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                         checkpointer.directory)
         break
   finally:
-    preemption.close()
-    writer.close()
-    if bar is not None:
-      bar.close()
+    for closing in (preemption, writer, bar):
+      if closing is not None:
+        closing.close()
     _close_checkpointer(checkpointer)
   summary = dict(summary, step=int(jax.device_get(state.step)), preempted=preempted)
   if preemption.signal is not None:
     summary["signal"] = int(preemption.signal)
+  return state, summary, evaluation
+
+
+def _train_data(config):
+  """This process's training iterator (its state is checkpointed) and the source's size."""
+  source = sources.make_source(config.data, "train")
+  size = len(source) if config.data.num_images <= 0 else min(config.data.num_images, len(source))
+  return iter(pipeline.make_dataset(config, "train", source=source)), size
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+  """Pre-trains (resuming from workdir when it holds a checkpoint); returns the final state."""
+  warm_start.check_warm_start_path(config.init_from)
+  mesh = sharding.make_mesh(config.mesh.fsdp)
+  model = cim.build_model(config.model, config.data)
+  sharding.process_batch_size(config.batch_size)  # clear error when the batch does not split
+  data, num_examples = _train_data(config)
+  counts = schedules.step_counts(config, num_examples)
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  trainer = step_lib.build_trainer(config, model, mesh, counts)
+
+  def init_state():
+    state = trainer.init_state(init_rng, state_lib.dummy_batch(config.data))
+    if config.init_from:
+      loaded = warm_start.load_warm_start(config.init_from, model, sharding.replicated(mesh))
+      state = warm_start.apply_warm_start(state, loaded, config.init_from)
+    return state
+
+  task = Task("pre-training", trainer, init_state,
+              memory.abstract_batch(config, trainer.batch_sharding), data, counts, config,
+              train_rng)
+  state, summary, _ = run(task, config, workdir)
   return TrainResult(state=state, metrics=summary, model=model, mesh=mesh, config=config,
                      workdir=workdir)
 

@@ -1,7 +1,7 @@
 """Metrics of every trainer: TensorBoard scalars + workdir/metrics.jsonl, written through epath.
 
-Pre-training (train/loop.py) and fine-tuning (evaluate/finetune.py) both log through
-`MetricsWriter`, so a work dir may be local or on an object store (gs://, s3://) alike.
+The training loop (train/loop.py, both tasks) logs through `MetricsWriter`, so a work dir may
+be local or on an object store (gs://, s3://) alike.
 """
 
 import json

@@ -1,4 +1,4 @@
-"""The pure train step and its one jit compilation over the mesh."""
+"""The pure pre-training step, and the jitted, sharded step of either task (`Trainer`)."""
 
 import dataclasses
 from typing import Any, Callable
@@ -18,8 +18,7 @@ def ema_update(online, target, momentum):
   return optax.incremental_update(online, target, step_size=1.0 - momentum)
 
 
-def make_train_step(model, tx, lr_schedule, momentum_schedule, accum_steps: int,
-                    frozen_mask=None):
+def make_train_step(model, tx, lr_schedule, momentum_schedule, accum_steps: int, frozen):
   """Builds `train_step(state, batch, rng) -> (state, metrics)`; pure, so jit it once.
 
   `lr_schedule` is over optimizer steps (reported in the metrics; `tx` applies it),
@@ -53,9 +52,7 @@ def make_train_step(model, tx, lr_schedule, momentum_schedule, accum_steps: int,
       new_target = jax.tree.map(lambda n, o: jnp.where(is_update, n, o), new_target,
                                 state.target_params)
 
-    if frozen_mask is not None:  # report the norm the optimizer sees (frozen leaves excluded)
-      grads = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, frozen_mask)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optimizer_lib.trainable_norm(grads, frozen)
     metrics = dict(aux.get("metrics", {}))
     metrics.update(
         loss=loss, grad_norm=grad_norm, momentum=momentum,
@@ -70,33 +67,25 @@ def make_train_step(model, tx, lr_schedule, momentum_schedule, accum_steps: int,
   return train_step
 
 
-def compile_train_step(train_step, state_shardings, batch_sharding, replicated):
-  """jax.jit with explicit in/out shardings; the state is donated (updated in place)."""
-  return jax.jit(train_step,
-                 in_shardings=(state_shardings, batch_sharding, replicated),
-                 out_shardings=(state_shardings, replicated),
-                 donate_argnums=(0,))
-
-
 @dataclasses.dataclass
 class Trainer:
-  """The model, optimizer, schedules, shardings and the jitted step of one configuration."""
+  """A model, its optimizer and schedules, the state's shardings and the jitted step."""
   model: Any
   tx: optax.GradientTransformation
   lr_schedule: Callable
-  momentum_schedule: Callable
-  frozen_mask: Any
-  init_fn: Callable  # (rng, host batch) -> TrainState
+  init_fn: Callable  # (rng, *example) -> state
   abstract_state: Any
   state_shardings: Any
   batch_sharding: jax.sharding.NamedSharding
   train_step: Callable  # jitted (state, global batch, rng) -> (state, metrics); state donated
+  momentum_schedule: Callable | None = None  # pre-training's EMA
+  eval_step: Callable | None = None  # fine-tuning: jitted (params, global images) -> logits
 
-  def init_state(self, rng, example_batch):
+  def init_state(self, rng, *example):
     """A freshly initialised state, created directly in its shardings."""
     if not hasattr(self, "_jitted_init"):
       self._jitted_init = jax.jit(self.init_fn, out_shardings=self.state_shardings)
-    return self._jitted_init(rng, example_batch)
+    return self._jitted_init(rng, *example)
 
   def abstract_sharded_state(self):
     """ShapeDtypeStructs carrying the shardings (restore targets)."""
@@ -104,30 +93,28 @@ class Trainer:
                         self.abstract_state, self.state_shardings)
 
 
+def sharded_trainer(mesh, init_fn, example: tuple, step: Callable, **fields) -> Trainer:
+  """Shards the state `init_fn(rng, *example)` builds over the mesh and jits `step` once with
+  explicit in/out shardings (the state donated: updated in place)."""
+  abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(0), *example)
+  state_shardings = sharding.state_shardings(mesh, abstract_state)
+  batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  train_step = jax.jit(step, in_shardings=(state_shardings, batch_sharding, replicated),
+                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  return Trainer(init_fn=init_fn, abstract_state=abstract_state, state_shardings=state_shardings,
+                 batch_sharding=batch_sharding, train_step=train_step, **fields)
+
+
 def build_trainer(config, model, mesh, counts) -> Trainer:
-  """Everything between a config and a compiled train step (shared by the loop, tests, bench)."""
+  """Everything between a pre-training config and its jitted step (the loop, tests, bench)."""
   example = state_lib.dummy_batch(config.data)
-  rng = jax.random.PRNGKey(0)
   abstract_params, _ = jax.eval_shape(
-      lambda r, b: state_lib.init_variables(model, r, b), rng, example)
-  to_bool = lambda tree: jax.tree.map(bool, tree)
-  frozen_mask = to_bool(model.frozen_mask(abstract_params))
-  decay_mask = to_bool(model.weight_decay_mask(abstract_params, config.optim.wd_exempt))
-  tx, lr_schedule = optimizer_lib.build_optimizer(config, frozen_mask, decay_mask, counts)
+      lambda r, b: state_lib.init_variables(model, r, b), jax.random.PRNGKey(0), example)
+  tx, lr_schedule, frozen = optimizer_lib.build_optimizer(config, abstract_params, counts)
   # Over batches, as the release's iter_update (max_iter = epochs * batches per epoch).
   momentum_schedule = schedules.ema_momentum(config.ema.momentum_start, config.ema.momentum_end,
                                              counts.train_steps)
-
-  def init_fn(rng, batch):
-    return state_lib.init_train_state(model, tx, rng, batch)
-
-  abstract_state = jax.eval_shape(init_fn, rng, example)
-  state_shardings = sharding.state_shardings(mesh, abstract_state)
-  batch_sharding = sharding.batch_sharding(mesh)
-  train_step = compile_train_step(
-      make_train_step(model, tx, lr_schedule, momentum_schedule, counts.accum_steps, frozen_mask),
-      state_shardings, batch_sharding, sharding.replicated(mesh))
-  return Trainer(model=model, tx=tx, lr_schedule=lr_schedule,
-                 momentum_schedule=momentum_schedule, frozen_mask=frozen_mask, init_fn=init_fn,
-                 abstract_state=abstract_state, state_shardings=state_shardings,
-                 batch_sharding=batch_sharding, train_step=train_step)
+  step = make_train_step(model, tx, lr_schedule, momentum_schedule, counts.accum_steps, frozen)
+  return sharded_trainer(
+      mesh, lambda rng, batch: state_lib.init_train_state(model, tx, rng, batch), (example,),
+      step, model=model, tx=tx, lr_schedule=lr_schedule, momentum_schedule=momentum_schedule)

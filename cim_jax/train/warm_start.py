@@ -89,30 +89,35 @@ def load_warm_start(path: str, model, sharding):
   return {"params": state["params"], "target_params": state["target_params"]}
 
 
+def place(current, new, source: str, name: str = "", keep: tuple[str, ...] = ()):
+  """The leaves of `new` in `current`'s tree, shapes checked, each in its current sharding;
+  leaves under a top-level key in `keep` (a fresh head) may be missing from `new`."""
+  new_flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(new)[0]}
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(current)
+  placed = []
+  for path, leaf in leaves:
+    key = jax.tree_util.keystr(path)
+    if key not in new_flat:
+      if getattr(path[0], "key", None) in keep:
+        placed.append(leaf)
+        continue
+      raise ConfigError(f"init_from={source!r}: {name}{key} missing from the checkpoint")
+    value = new_flat[key]
+    if not isinstance(value, jax.Array):
+      value = np.asarray(value)
+    if value.shape != leaf.shape:
+      raise ConfigError(f"init_from={source!r}: {name}{key} has shape {value.shape}, the model "
+                        f"expects {leaf.shape}")
+    placed.append(jax.device_put(value.astype(leaf.dtype), leaf.sharding))
+  return jax.tree_util.tree_unflatten(treedef, placed)
+
+
 def apply_warm_start(train_state, loaded, source: str):
   """Replaces params / target params with `loaded`, checking shapes and keeping shardings."""
-
-  def put(current, new, name):
-    cur_flat, treedef = jax.tree_util.tree_flatten_with_path(current)
-    new_flat = dict((jax.tree_util.keystr(p), v)
-                    for p, v in jax.tree_util.tree_flatten_with_path(new)[0])
-    leaves = []
-    for p, leaf in cur_flat:
-      key = jax.tree_util.keystr(p)
-      if key not in new_flat:
-        raise ConfigError(f"init_from={source!r}: {name}{key} missing from the checkpoint")
-      value = new_flat[key]
-      if not isinstance(value, jax.Array):
-        value = np.asarray(value)
-      if value.shape != leaf.shape:
-        raise ConfigError(f"init_from={source!r}: {name}{key} has shape {value.shape}, the model "
-                         f"expects {leaf.shape}")
-      leaves.append(jax.device_put(value.astype(leaf.dtype), leaf.sharding))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
   return train_state.replace(
-      params=put(train_state.params, loaded["params"], "params"),
-      target_params=put(train_state.target_params, loaded["target_params"], "target_params"))
+      params=place(train_state.params, loaded["params"], source, "params"),
+      target_params=place(train_state.target_params, loaded["target_params"], source,
+                          "target_params"))
 
 
 def load_checkpoint(config, checkpoint: str | None = None, model=None) -> dict:
