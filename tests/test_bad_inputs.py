@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from cim_jax import errors
-from cim_jax import config_defaults
 from cim_jax.data import decode
 from cim_jax.data import pipeline
 from cim_jax.data import sources
+from train_fixtures import recipe
 
 CLASS = "odd"
 
@@ -195,7 +195,7 @@ PIL's DecompressionBombWarning."""
 # ---- the pre-training pipeline over an ImageFolder holding every kind ----
 
 def _config(batch_size, **data):
-  config = config_defaults.pretrain_config("tiny")
+  config = recipe()
   config.batch_size = batch_size
   config.data.update(dict(source="imagefolder", shuffle=False, context_size=32,
                           exemplar_size=16, search_size=48, num_exemplars=2))

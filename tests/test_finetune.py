@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from cim_jax.data import labelled
-from cim_jax import config_defaults
 from cim_jax.data import sources
 from cim_jax.data import augment
 from cim_jax.evaluate import finetune, finetune_lib
+from train_fixtures import recipe
 
 DEPTH = 2
 
@@ -24,7 +24,7 @@ def tiny_classifier(monkeypatch):
 
 
 def tiny_config(steps: int = 40):
-  config = config_defaults.finetune_config("tiny")
+  config = recipe("cim_finetune.py:Ti/16")
   config.batch_size = 16
   config.num_train_steps = steps
   config.data.image_size = 16

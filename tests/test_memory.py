@@ -60,11 +60,11 @@ def check_consistent(report: dict) -> None:
 
 
 def test_batch_fsdp_and_presets_move_the_right_parts():
-  shallow = ["--config=configs/cim_vit_tiny.py", "--config.model.variant=Tw/16"]
+  shallow = ["--config=configs/cim_pretrain.py:Ti/16", "--config.model.variant=Tw/16"]
   b8, b16, large_w = measure_many([
       shallow + ["--config.batch_size=8"],
       shallow + ["--config.batch_size=16"],
-      ["--config=configs/cim_vit_large.py", "--config.model.variant=Lw/16",
+      ["--config=configs/cim_pretrain.py:L/16", "--config.model.variant=Lw/16",
        "--config.batch_size=8"] + SMALL_PAIRS,
   ])
   for report in (b8, b16, large_w):
@@ -89,12 +89,12 @@ def test_batch_fsdp_and_presets_move_the_right_parts():
 
 
 SHALLOW_CONFIG = """
-from cim_jax import config_defaults
+from cim_jax import config_validation
 from cim_jax.models import vit
 vit._SIZES.setdefault("Tw", (192, 2, 3))
 
 def get_config():
-  config = config_defaults.pretrain_config("tiny")
+  config = config_validation.load_config_file("configs/cim_pretrain.py:Ti/16")
   config.model.variant = "Tw/16"
   return config
 """
@@ -123,16 +123,16 @@ def test_command_line_prints_a_table_and_rejects_bad_flags(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset, extra", [
-    ("tiny", []), ("small", []), ("base", []),
-    ("large", ["--config.mesh.fsdp=8"]), ("huge", ["--config.mesh.fsdp=8"]),
+@pytest.mark.parametrize("variant, extra", [
+    ("Ti/16", []), ("S/16", []), ("B/16", []),
+    ("L/16", ["--config.mesh.fsdp=8"]), ("H/14", ["--config.mesh.fsdp=8"]),
 ])
-def test_full_size_presets_on_eight_devices(preset, extra):
+def test_full_size_presets_on_eight_devices(variant, extra):
   """T/S/B (data parallel) and L/H (fsdp=8, remat) at their real depth and pair sizes."""
-  [report] = measure_many([[f"--config=configs/cim_vit_{preset}.py", "--config.batch_size=8"]
-                           + extra], timeout=1800)
+  [report] = measure_many([[f"--config=configs/cim_pretrain.py:{variant}",
+                            "--config.batch_size=8"] + extra], timeout=1800)
   check_consistent(report)
-  encoder = {"tiny": 5.7e6, "small": 22e6, "base": 86e6, "large": 304e6, "huge": 632e6}[preset]
+  encoder = {"Ti/16": 5.7e6, "S/16": 22e6, "B/16": 86e6, "L/16": 304e6, "H/14": 632e6}[variant]
   assert encoder < report["num_params"] < encoder + 10e6  # + the one-block correlation decoder
   shards = report["mesh"]["fsdp"]
   whole = 4 * report["num_params"]

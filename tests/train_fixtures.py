@@ -19,16 +19,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-from cim_jax import config_defaults  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cim_jax import config_validation  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cim_jax.models import vit  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # A 2-block, 64-wide ViT for tests only: compiles in seconds, same code paths as T/S/B/L/H.
 vit._SIZES.setdefault("Mu", (64, 2, 2))  # pylint: disable=protected-access
 
 
+def recipe(spec: str = "cim_pretrain.py:Ti/16"):
+  """A config of configs/ (`FILE.py[:ARG]`), loaded as `--config=configs/FILE.py:ARG` loads it."""
+  return config_validation.load_config_file(os.path.join(REPO, "configs", spec))
+
+
 def tiny_config(**overrides):
   """A tiny model on small pairs: seconds per run on one CPU core."""
-  c = config_defaults.pretrain_config("tiny")
+  c = recipe()
   c.model.variant = "Mu/16"
   c.model.decoder_dim = 32
   c.model.decoder_heads = 2
