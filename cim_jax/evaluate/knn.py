@@ -144,9 +144,6 @@ class _Share:
   def __getitem__(self, index: int):
     return self.records[int(self.indices[index])]
 
-  def __repr__(self) -> str:
-    return repr(self.records)
-
 
 def num_classes_of(train, test, train_labels: np.ndarray, test_labels: np.ndarray) -> int:
   """The declared class count of the sets, else one more than the largest label seen."""
