@@ -172,7 +172,7 @@ MUTATIONS = [
     Mutation("loss_channel_order_eval", "cim_jax/models/cim.py",
              "return correlation_loss_from_difference(logits[..., 1] - logits[..., 0], masks)",
              "return correlation_loss_from_difference(logits[..., 0] - logits[..., 1], masks)",
-             ("tests/test_models.py::test_correlation_loss_equals_hand_computation",),
+             ("tests/test_cim_model.py::test_correlation_loss_equals_hand_computation",),
              "correlation_loss channel order swapped"),
     # --- slow-only paths, now with fast tests --------------------------------------------------
     Mutation("finetune_resume_without_data_state", "cim_jax/evaluate/finetune.py",

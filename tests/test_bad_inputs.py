@@ -7,18 +7,26 @@ decoded to RGB uint8 and trained on. docs/RELIABILITY.md lists the behaviour per
 import io
 import logging
 import os
+import signal
 import struct
+import subprocess
+import sys
+import threading
+import time
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from cim_jax import cli
+from cim_jax import config_validation
 from cim_jax import errors
 from cim_jax.data import decode
 from cim_jax.data import pipeline
 from cim_jax.data import sources
-from train_fixtures import recipe
+from test_exits import assert_clean, command, error_lines, run
+from train_fixtures import REPO, recipe, subprocess_env
 
 CLASS = "odd"
 
@@ -271,7 +279,6 @@ def test_training_iterator_counts_and_logs_the_skips(tmp_path, caplog, monkeypat
 
 def test_a_folder_of_only_undecodable_files_stops_the_run_in_one_line(tmp_path):
   """Run as a user runs it: 32 bad records in a row for one sample is broken data, exit 2."""
-  from test_exits import assert_clean, command, error_lines, run  # pylint: disable=g-import-not-at-top
   write_folder(tmp_path / "imgs", kinds=list(UNDECODABLE), good=0)
   out = run(command(tmp_path, tmp_path / "w", "--config.data.source=imagefolder",
                     f"--config.data.root={tmp_path / 'imgs'}", "--config.eval.pretext_iou=false",
@@ -286,9 +293,6 @@ def test_a_folder_of_only_undecodable_files_stops_the_run_in_one_line(tmp_path):
 
 def test_pretrain_without_a_workdir_is_one_line():
   """The entry point's own flag check (no other test runs it): exit 2, one line, nothing run."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  from train_fixtures import REPO, subprocess_env  # pylint: disable=g-import-not-at-top
   out = subprocess.run([sys.executable, "-m", "cim_jax.pretrain", "--config=configs/demo.py"],
                        cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                        timeout=120)
@@ -302,9 +306,6 @@ def test_pretrain_without_a_workdir_is_one_line():
     ("--config.data.min_image_size=0", "config.data.min_image_size=0 must be >= 1"),
 ])
 def test_impossible_values_quoted_in_the_fault_matrix(override, message):
-  from cim_jax import cli  # pylint: disable=g-import-not-at-top
-  from cim_jax import config_validation  # pylint: disable=g-import-not-at-top
-  from train_fixtures import REPO  # pylint: disable=g-import-not-at-top
   config, _ = cli.parse([f"--config={os.path.join(REPO, 'configs', 'demo.py')}", override],
                         default_config="", flags={"workdir": ""}, validate=False)
   with pytest.raises(errors.ConfigError) as error:
@@ -315,12 +316,6 @@ def test_impossible_values_quoted_in_the_fault_matrix(override, message):
 def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path):
   """Ctrl-C during the first step (its compilation) asks for a checkpoint after the step; a
   second one stops at once: exit 130, one error line, no checkpoint written."""
-  import signal  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import threading  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
-  from test_exits import assert_clean, command, error_lines  # pylint: disable=g-import-not-at-top
-  from train_fixtures import REPO, subprocess_env  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "w"
   proc = subprocess.Popen(
       command(tmp_path, workdir, "--config.eval.pretext_iou=false", "--config.eval.knn=false",

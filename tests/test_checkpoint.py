@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from cim_jax.train import loop
-from train_fixtures import compilation_cache  # pylint: disable=unused-import  (autouse fixture)
 from train_fixtures import copy_run, read_checkpoint, read_metrics, tiny_config
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from cim_jax.data import labelled
 from cim_jax.data import sources
 from cim_jax.data import augment
 from cim_jax.evaluate import finetune, knn, linear_probe
-from tests import train_fixtures  # registers the tiny "Mu" ViT size
+from train_fixtures import recipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TFDS_DIR = os.path.join(REPO, "tests", "fixtures", "tfds")
@@ -53,7 +53,7 @@ def in_memory(records: labelled.LabelledRecords) -> labelled.Labelled:
 
 def eval_config(probe=(), **data_overrides):
   """configs/cim_eval.py with the tiny Mu/16 encoder; `probe`: config.eval overrides."""
-  config = train_fixtures.recipe("cim_eval.py:Ti/16")
+  config = recipe("cim_eval.py:Ti/16")
   config.model.variant = "Mu/16"
   config.progress_bar = False
   config.data.update(dict(image_size=SIZE, batch_size=32, crop_pct=CROP_PCT, read_threads=2))
@@ -150,7 +150,7 @@ def test_finetune_data_reads_tfds_and_imagefolder(digit_folders):
 
 
 def finetune_config(**data_overrides):
-  config = train_fixtures.recipe("cim_finetune.py:Ti/16")
+  config = recipe("cim_finetune.py:Ti/16")
   config.batch_size = 4
   config.data.image_size = SIZE
   config.data.eval_batch_size = 4

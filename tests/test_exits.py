@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from cim_jax import errors
-from cim_jax import config_validation
 from cim_jax.train import preflight
 from cim_jax.data import sources
 from train_fixtures import committed, read_metrics, REPO, subprocess_env, tiny_config
+from train_fixtures import tiny_config_file
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 NO_EVAL = ["--config.eval.pretext_iou=false", "--config.eval.knn=false",
@@ -50,10 +50,7 @@ def write_images(root, layout=None, size=(48, 40)):
 
 
 def command(tmp_path, workdir, *overrides, runner=None):
-  config_file = tmp_path / "tiny_config.py"
-  config_file.write_text(
-      f"import sys\nsys.path.insert(0, {TESTS!r})\nfrom train_fixtures import tiny_config\n\n\n"
-      "def get_config():\n  return tiny_config()\n")
+  config_file = tiny_config_file(tmp_path)
   start = ["-c", runner] if runner else ["-m", "cim_jax.pretrain"]
   return [sys.executable, *start, f"--config={config_file}", f"--workdir={workdir}", *overrides]
 

@@ -16,12 +16,12 @@ from cim_jax.data import labelled
 from cim_jax.data import pipeline
 from cim_jax.evaluate import finetune, knn
 from cim_jax.models import cim
-from train_fixtures import committed, recipe
-from train_fixtures import compilation_cache  # pylint: disable=unused-import  (autouse fixture)
+from train_fixtures import committed, read_checkpoint, recipe
 from train_fixtures import tiny_config as tiny_pretrain_config
-from test_finetune import tiny_classifier  # pylint: disable=unused-import  (fixture)
 from test_finetune import tiny_config as tiny_finetune_config
 from test_finetune import tiny_labelled_subset
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def _assert_same_batches(a, b):
@@ -95,7 +95,6 @@ def test_finetune_resume_is_exact(tmp_path, monkeypatch, tiny_classifier):
   assert resumed == straight
   logs = [(tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in "ab"]
   assert logs[0] == logs[1]  # steps 1-4: losses, lr, the step-4 accuracy
-  from train_fixtures import read_checkpoint  # pylint: disable=g-import-not-at-top
   a, b = read_checkpoint(str(tmp_path / "a")), read_checkpoint(str(tmp_path / "b"))
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)

@@ -12,15 +12,7 @@ from cim_jax.data import augment
 from cim_jax.evaluate import finetune, finetune_lib
 from train_fixtures import recipe
 
-DEPTH = 2
-
-
-@pytest.fixture
-def tiny_classifier(monkeypatch):
-  """A 2-block ViT-Ti classifier keeps every test here fast."""
-  build = finetune_lib.build_classifier
-  monkeypatch.setattr(finetune_lib, "build_classifier",
-                      lambda config, num_classes: build(config, num_classes).clone(depth=DEPTH))
+DEPTH = 2  # of the classifier the tiny_classifier fixture builds (conftest.py)
 
 
 def tiny_config(steps: int = 40):

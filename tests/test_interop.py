@@ -15,10 +15,12 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 from cim_jax import interop  # noqa: E402
 from cim_jax.tools import convert  # noqa: E402
+from cim_jax.train import loop  # noqa: E402
 
 from torch_reference import (  # noqa: E402  pylint: disable=wrong-import-position
     CONTEXT, DEPTH, EXEMPLAR, HEADS, NUM, PATCH, WIDTH, authors_state_dict as _authors_state_dict,
     model as _model, torch_correlation_logits as _torch_correlation_logits)
+from train_fixtures import read_checkpoint, tiny_config  # noqa: E402
 
 
 def _batch(seed=0):
@@ -219,8 +221,6 @@ def test_command_import_then_export_to_timm(tmp_path):
 @pytest.mark.slow
 def test_command_exports_a_training_run(tmp_path):
   """A (tiny) pre-training work dir of this project -> timm safetensors, target encoder."""
-  from train_fixtures import read_checkpoint, tiny_config
-  from cim_jax.train import loop
   config = tiny_config(num_train_steps=2)
   workdir = str(tmp_path / "run")
   loop.train(config, workdir)

@@ -14,7 +14,11 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import pytest
+
+from cim_jax import cli
+from cim_jax import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JAX_VERSION = re.search(r"^jax==(\S+)", open(os.path.join(REPO, "requirements.txt")).read(),
@@ -89,8 +93,6 @@ def test_tpu_dry_run_for_a_four_worker_v4_slice():
   assert args[-2:] == ["--config.batch_size=1024", TRICKY_OVERRIDE]
 
   # The entry point's own parser accepts that argument list.
-  sys.path.insert(0, REPO)
-  from cim_jax import cli  # pylint: disable=g-import-not-at-top
   config, flags = cli.parse(args, default_config="", flags={"workdir": ""}, validate=False)
   assert flags["workdir"] == "gs://bkt/runs/b16"
   assert config.batch_size == 1024 and config.data.tfds_data_dir == "gs://bkt/tensorflow_datasets"
@@ -264,9 +266,6 @@ def test_multinode_dry_run_exports_what_sharding_reads(monkeypatch):
   assert pretrain_args(cmd) == ["--workdir=/shared/runs/b16", TRICKY_OVERRIDE]
 
   # The entry point's start-up turns exactly these variables into jax.distributed.initialize().
-  sys.path.insert(0, REPO)
-  import jax  # pylint: disable=g-import-not-at-top
-  from cim_jax import sharding  # pylint: disable=g-import-not-at-top
   calls = []
   monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
   for key, value in exported.items():

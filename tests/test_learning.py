@@ -20,8 +20,9 @@ from flax import traverse_util
 from cim_jax.evaluate import knn, pretext, report, visualize
 from cim_jax.tools import convert
 from cim_jax.train import loop
-from train_fixtures import compilation_cache  # pylint: disable=unused-import  (autouse fixture)
 from train_fixtures import learning_config, read_checkpoint, read_metrics
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 STEPS = 40
 WINDOW = 10
@@ -115,7 +116,6 @@ def test_interop_exports_the_run_workdir(run, tmp_path):
   del torch
   pytest.importorskip("safetensors")
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  from cim_jax import interop  # pylint: disable=g-import-not-at-top
   config = run["config"]
   output = str(tmp_path / "target.safetensors")
   convert.main(["export", "--workdir", run["workdir"], "--variant", config.model.variant,

@@ -13,18 +13,16 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Runs `cim_jax.tools.memory.main` for each argv in one process (one jax start-up). Test-only
-# 2-block encoders compile in seconds: "Tw" has ViT-Ti's width and heads, "Lw" ViT-L's.
+# Runs `cim_jax.tools.memory.main` for each argv in one process (one jax start-up).
 MEASURE_MANY = """
 import json, sys
-from cim_jax.models import vit
-vit._SIZES.setdefault("Tw", (192, 2, 3))
-vit._SIZES.setdefault("Lw", (1024, 2, 16))
 from cim_jax.tools import memory
 for argv in json.loads(sys.argv[1]):
   memory.main(argv)
 """
 
+# The 2-block "Mu/16" encoder compiles in seconds; the presets' other settings stay.
+MU = "--config.model.variant=Mu/16"
 # Small pairs keep the CPU compile short where the check is about the state, not activations.
 SMALL_PAIRS = ["--config.data.context_size=64", "--config.data.exemplar_size=32",
                "--config.data.num_exemplars=2", "--config.data.search_size=96"]
@@ -60,14 +58,13 @@ def check_consistent(report: dict) -> None:
 
 
 def test_batch_fsdp_and_presets_move_the_right_parts():
-  shallow = ["--config=configs/cim_pretrain.py:Ti/16", "--config.model.variant=Tw/16"]
-  b8, b16, large_w = measure_many([
-      shallow + ["--config.batch_size=8"],
-      shallow + ["--config.batch_size=16"],
-      ["--config=configs/cim_pretrain.py:L/16", "--config.model.variant=Lw/16",
-       "--config.batch_size=8"] + SMALL_PAIRS,
+  tiny = ["--config=configs/cim_pretrain.py:Ti/16", MU]
+  b8, b16, large = measure_many([
+      tiny + ["--config.batch_size=8"],
+      tiny + ["--config.batch_size=16"],
+      ["--config=configs/cim_pretrain.py:L/16", MU, "--config.batch_size=8"] + SMALL_PAIRS,
   ])
-  for report in (b8, b16, large_w):
+  for report in (b8, b16, large):
     check_consistent(report)
   assert b8["devices"] == 8 and b8["mesh"] == {"data": 8, "fsdp": 1}
   assert b8["params"] == 4 * b8["num_params"]  # replicated: every device holds all of them
@@ -79,32 +76,19 @@ def test_batch_fsdp_and_presets_move_the_right_parts():
   assert b16["batch"] == 2 * b8["batch"]
   assert b16["temp"] > 1.5 * b8["temp"]
 
-  # The L preset (fsdp=8, remat) at ViT-L's width: the large leaves are split 8 ways, only
-  # small ones (biases, norms) stay whole on every device.
-  assert large_w["mesh"] == {"data": 1, "fsdp": 8}
-  whole = 4 * large_w["num_params"]
-  assert whole / 8 <= large_w["params"] < whole / 8 * 1.05
-  encoder_params = 2 * 12 * 1024 * 1024  # qkv + proj + mlp weights of the 2 blocks
-  assert encoder_params * 4 / 8 < large_w["target"] < encoder_params * 4 / 8 * 1.5
+  # The L preset (fsdp=8, remat): the large leaves are split 8 ways, only small ones (biases,
+  # norms) stay whole on every device.
+  assert large["mesh"] == {"data": 1, "fsdp": 8}
+  whole = 4 * large["num_params"]
+  assert whole / 8 <= large["params"] < whole / 8 * 1.05
+  # The target encoder's split leaves: qkv + proj + mlp weights of 2 blocks, the patch projection.
+  split = 2 * 12 * 64 * 64 + 16 * 16 * 3 * 64
+  assert split * 4 / 8 < large["target"] < split * 4 / 8 * 1.2
 
 
-SHALLOW_CONFIG = """
-from cim_jax import config_validation
-from cim_jax.models import vit
-vit._SIZES.setdefault("Tw", (192, 2, 3))
-
-def get_config():
-  config = config_validation.load_config_file("configs/cim_pretrain.py:Ti/16")
-  config.model.variant = "Tw/16"
-  return config
-"""
-
-
-def test_command_line_prints_a_table_and_rejects_bad_flags(tmp_path):
-  config = tmp_path / "shallow.py"
-  config.write_text(SHALLOW_CONFIG)
-  cmd = [sys.executable, "-m", "cim_jax.tools.memory", f"--config={config}",
-         "--config.batch_size=8", "--devices=2"] + SMALL_PAIRS
+def test_command_line_prints_a_table_and_rejects_bad_flags():
+  cmd = [sys.executable, "-m", "cim_jax.tools.memory", "--config=configs/cim_pretrain.py:Ti/16",
+         MU, "--config.batch_size=8", "--devices=2"] + SMALL_PAIRS
   result = subprocess.run(cmd, cwd=REPO, env=env(1), capture_output=True, text=True,
                           timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]

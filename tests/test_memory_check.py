@@ -9,8 +9,9 @@ import os
 import jax
 import pytest
 
-import train_fixtures
-from test_finetune import tiny_classifier, tiny_config, tiny_labelled_subset  # pylint: disable=unused-import
+from test_finetune import tiny_config, tiny_labelled_subset
+from train_fixtures import committed
+from train_fixtures import tiny_config as tiny_pretrain_config
 
 from cim_jax import cli
 from cim_jax.errors import ConfigError
@@ -44,7 +45,7 @@ def test_pretraining_that_cannot_fit_stops_with_one_line_and_exit_2(tmp_path, mo
   fake_memory(monkeypatch, TINY)
   workdir = str(tmp_path / "run")
   with pytest.raises(SystemExit) as exit_:
-    cli.run_or_exit(loop.train, train_fixtures.tiny_config(), workdir)
+    cli.run_or_exit(loop.train, tiny_pretrain_config(), workdir)
   assert exit_.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1, err
@@ -53,7 +54,7 @@ def test_pretraining_that_cannot_fit_stops_with_one_line_and_exit_2(tmp_path, mo
   assert "no batch fits" in err[0] or "largest batch that fits is about" in err[0]
   # Before any step: nothing logged, no checkpoint.
   assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
-  assert not train_fixtures.committed(workdir, 2)
+  assert not committed(workdir, 2)
 
 
 def test_pretraining_that_fits_compiles_its_step_once(tmp_path, monkeypatch):
@@ -63,7 +64,7 @@ def test_pretraining_that_fits_compiles_its_step_once(tmp_path, monkeypatch):
   build = step_lib.build_trainer
   monkeypatch.setattr(step_lib, "build_trainer",
                       lambda *a, **k: trainers.append(build(*a, **k)) or trainers[-1])
-  result = loop.train(train_fixtures.tiny_config(num_train_steps=2), str(tmp_path))
+  result = loop.train(tiny_pretrain_config(num_train_steps=2), str(tmp_path))
   assert result.metrics["step"] == 2
   assert len(compiles) == 1  # the checked compilation is the one that runs ...
   assert trainers[0].train_step._cache_size() == 0  # ... the jitted function never compiled

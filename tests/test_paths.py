@@ -15,13 +15,12 @@ from etils import epath
 from etils.epath import backend as epath_backend
 from PIL import Image
 
-import train_fixtures  # pylint: disable=unused-import  (registers the tiny "Mu" ViT)
+from train_fixtures import tiny_config
 
 from cim_jax.train import warm_start
 from cim_jax import sharding
 from cim_jax.evaluate import report, visualize
 from cim_jax.train import metrics as metrics_lib
-from cim_jax.train import checkpoint, loop
 
 BUCKET = "gs://cim-test-bucket"
 
@@ -63,37 +62,6 @@ def fake_gcs(monkeypatch, tmp_path):
   epath_backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
   FakeGcs.clear_instance_cache()
   assert not os.listdir(tmp_path), f"wrote locally instead of to gs://: {os.listdir(tmp_path)}"
-
-
-@pytest.fixture
-def tensorboard_to_epath(monkeypatch):
-  """tensorboardX's own gs:// writer needs google-cloud-storage: write its events via epath."""
-  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
-
-  class Writer:
-    """Like tensorboardX's GCSRecordWriter: buffers, uploads the whole object on flush."""
-
-    def __init__(self, path):
-      self.path, self.buffer = epath.Path(path), io.BytesIO()
-
-    def write(self, data):
-      self.buffer.write(data)
-
-    def flush(self):
-      self.path.write_bytes(self.buffer.getvalue())
-
-    def close(self):
-      self.flush()
-
-  class Factory:
-
-    def open(self, path):
-      return Writer(path)
-
-    def directory_check(self, path):
-      del path
-
-  monkeypatch.setitem(record_writer.REGISTERED_FACTORIES, "gs", Factory())
 
 
 def _records(path):
@@ -170,7 +138,7 @@ def test_warm_start_from_gcs_msgpack(fake_gcs, tmp_path_factory):
 def test_report_writes_pngs_and_json_to_gcs(fake_gcs):
   from cim_jax.evaluate import pretext  # pylint: disable=g-import-not-at-top
   from cim_jax.models import cim  # pylint: disable=g-import-not-at-top
-  config = train_fixtures.tiny_config()
+  config = tiny_config()
   config.eval.pretext_iou = config.eval.visualize = True
   config.eval.num_heldout_pairs = 4
   workdir = f"{BUCKET}/report_run"

@@ -225,7 +225,6 @@ def test_worker_counts_give_identical_batches_and_state():
 
 
 def test_pair_grid_draws_each_label_on_the_context():
-  from cim_jax.data import pairs  # pylint: disable=g-import-not-at-top
   from cim_jax.tools import show_pairs  # pylint: disable=g-import-not-at-top
   batch = pipeline.heldout_pairs(_config(), 2)
   grid = show_pairs.pair_grid(batch)

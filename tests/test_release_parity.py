@@ -40,8 +40,9 @@ from cim_jax.models import cim  # noqa: E402
 from cim_jax.train import schedules  # noqa: E402
 from cim_jax.train import state as state_lib  # noqa: E402
 from cim_jax.train import step as step_lib  # noqa: E402
-from train_fixtures import compilation_cache  # noqa: E402,F401  pylint: disable=unused-import
 from train_fixtures import key_bias_mask, recipe  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 F = torch.nn.functional
 
@@ -280,7 +281,7 @@ FT_CLASSES, FT_BATCH, FT_IMAGE, FT_STEPS, FT_TOTAL, FT_WARMUP = 5, 4, 32, 4, 6, 
 
 def _finetune_config():
   config = recipe("cim_finetune.py:Ti/16")  # the release's recipe, then tiny sizes
-  config.model.variant = "Mu/16"  # 64 wide, 2 blocks, 2 heads (registered by train_fixtures)
+  config.model.variant = "Mu/16"  # 64 wide, 2 blocks, 2 heads
   config.model.drop_path_rate = 0.0  # deterministic
   config.batch_size = FT_BATCH
   config.num_train_steps = FT_TOTAL

@@ -23,8 +23,9 @@ import pytest
 from etils import epath
 from etils.epath import backend as epath_backend
 
-import train_fixtures
-from test_paths import tensorboard_to_epath  # pylint: disable=unused-import
+from test_finetune import tiny_config as tiny_finetune_config
+from test_finetune import tiny_labelled_subset
+from train_fixtures import tiny_config
 
 from cim_jax.evaluate import finetune
 from cim_jax.train import checkpoint, loop
@@ -80,8 +81,7 @@ def _steps(path):
 
 
 def finetune_config(steps):
-  from test_finetune import tiny_config  # pylint: disable=g-import-not-at-top
-  config = tiny_config(steps=steps)
+  config = tiny_finetune_config(steps=steps)
   config.model.variant = "Mu/16"  # the pre-training fixture's encoder
   config.log_every_steps = 1
   config.eval_every_steps = 2
@@ -91,10 +91,9 @@ def finetune_config(steps):
 
 def test_pretraining_resume_and_finetuning_on_gcs(fake_gcs_on_disk, tensorboard_to_epath,
                                                   monkeypatch):
-  from test_finetune import tiny_labelled_subset  # pylint: disable=g-import-not-at-top
   pre = f"{BUCKET}/pretrain"
-  loop.train(train_fixtures.tiny_config(num_train_steps=2), pre)
-  resumed = loop.train(train_fixtures.tiny_config(num_train_steps=4), pre)  # resumes at 2
+  loop.train(tiny_config(num_train_steps=2), pre)
+  resumed = loop.train(tiny_config(num_train_steps=4), pre)  # resumes at 2
   assert resumed.metrics["step"] == 4
   assert _steps(f"{pre}/metrics.jsonl") == [1, 2, 3, 4]
   assert list(epath.Path(pre, "tensorboard").iterdir())

@@ -10,10 +10,10 @@ import pytest
 
 from cim_jax.train import checkpoint as checkpoint_lib
 from cim_jax.train import loop
-from train_fixtures import compilation_cache  # pylint: disable=unused-import  (autouse fixture)
 from train_fixtures import REPO, copy_run, read_metrics, subprocess_env, tiny_config
+from train_fixtures import tiny_config_file
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +38,7 @@ def snapshot(workdir):
 
 def pretrain_command(tmp_path, workdir, *overrides):
   """`python -m cim_jax.pretrain` as a user runs it, on the tiny config of the tests."""
-  config_file = tmp_path / "tiny_config.py"
-  config_file.write_text(
-      f"import sys\nsys.path.insert(0, {TESTS!r})\nfrom train_fixtures import tiny_config\n\n\n"
-      "def get_config():\n  return tiny_config(num_train_steps=2)\n")
+  config_file = tiny_config_file(tmp_path, num_train_steps=2)
   return [sys.executable, "-m", "cim_jax.pretrain", f"--config={config_file}",
           f"--workdir={workdir}", *overrides]
 

@@ -12,8 +12,9 @@ from cim_jax.train import optimizer as optimizer_lib
 from cim_jax.train import schedules
 from cim_jax.train import state as state_lib
 from cim_jax.train import step as step_lib
-from train_fixtures import compilation_cache  # pylint: disable=unused-import  (autouse fixture)
 from train_fixtures import key_bias_mask, tiny_config
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def _batch(config, seed):

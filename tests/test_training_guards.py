@@ -23,8 +23,9 @@ from cim_jax.models import decoder as decoder_lib
 from cim_jax.train import schedules
 from cim_jax.train import state as state_lib
 from cim_jax.train import step as step_lib
-from train_fixtures import compilation_cache  # pylint: disable=unused-import  (autouse fixture)
 from train_fixtures import learning_config, tiny_config
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 # The tiny model's decayed leaves, written out by hand (not derived from the mask function):
 # every trainable kernel. Biases, norms and the frozen patch projection are never decayed; the

@@ -1,7 +1,7 @@
-"""Shared by the trainer tests: a tiny, fast CIM config, a subprocess runner, result readers.
+"""Helpers of the trainer tests: a tiny, fast CIM config, a subprocess runner, result readers.
 
 Run as a script it trains in a fresh process (the way tests kill, preempt or multiply it):
-  python tests/train_fixtures.py WORKDIR [key=value ...] [--evaluate]
+  PYTHONPATH=. python tests/train_fixtures.py WORKDIR [key=value ...] [--evaluate]
 """
 
 import ast
@@ -12,18 +12,19 @@ import subprocess
 import sys
 import tempfile
 
+from flax import traverse_util
+import jax
 import numpy as np
-import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
+from cim_jax import cli
+from cim_jax import config_validation
+from cim_jax import sharding
+from cim_jax.evaluate import report as report_lib
+from cim_jax.train import checkpoint
+from cim_jax.train import loop
 
-from cim_jax import config_validation  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cim_jax.models import vit  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-# A 2-block, 64-wide ViT for tests only: compiles in seconds, same code paths as T/S/B/L/H.
-vit._SIZES.setdefault("Mu", (64, 2, 2))  # pylint: disable=protected-access
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
 
 
 def recipe(spec: str = "cim_pretrain.py:Ti/16"):
@@ -34,7 +35,7 @@ def recipe(spec: str = "cim_pretrain.py:Ti/16"):
 def tiny_config(**overrides):
   """A tiny model on small pairs: seconds per run on one CPU core."""
   c = recipe()
-  c.model.variant = "Mu/16"
+  c.model.variant = "Mu/16"  # 2 blocks, 64 wide: compiles in seconds
   c.model.decoder_dim = 32
   c.model.decoder_heads = 2
   c.data.context_size = 32
@@ -67,6 +68,13 @@ def learning_config(steps: int = 40):
   return c
 
 
+def randomize(params, seed=1, scale=0.05):
+  """Random (not init-structured) values, so parity checks see every weight, bias and norm."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda x: (np.asarray(x) + scale * rng.normal(size=x.shape)).astype(np.float32), params)
+
+
 def key_bias_mask(params):
   """Tree of bool arrays like `params`: True on the attention *key* biases (the k rows of every
   qkv bias, the k half of the decoder's kv bias).
@@ -76,7 +84,6 @@ def key_bias_mask(params):
   into steps of up to about +-lr, so two correct implementations (or a batch split two ways)
   move these entries differently; tests compare them by their (nil) effect on outputs instead.
   """
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   mask = {}
   for path, leaf in traverse_util.flatten_dict(params).items():
     m = np.zeros(np.shape(leaf), bool)
@@ -120,38 +127,36 @@ def committed(workdir, step) -> bool:
 
 def read_checkpoint(workdir, step=None):
   """The saved train state (numpy pytree) at `step` (default: latest)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from cim_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   _, state = checkpoint.restore_state_anywhere(os.path.join(workdir, "checkpoints"), device, step)
   return jax.device_get(state)
 
 
-# Compiled executables are shared by the test processes (compiling dominates their run time).
+# Compiled executables are shared by the test processes (compiling dominates their run time);
+# conftest.compilation_cache points in-process tests at the same cache.
 XLA_CACHE = os.path.join(tempfile.gettempdir(), f"cim_jax_test_xla_cache_{os.getuid()}")
 CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": XLA_CACHE,
              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache():
-  """In-process tests share compiled executables with the other trainer tests (import it)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  previous = jax.config.jax_compilation_cache_dir
-  jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  yield
-  jax.config.update("jax_compilation_cache_dir", previous)
-
-
 def subprocess_env(devices: int = 1, **extra):
   env = dict(os.environ, **CACHE_ENV)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH", "")) if p)
+  # The repository and tests/: config files written by the tests import train_fixtures.
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, TESTS, env.get("PYTHONPATH", "")) if p)
   env.update({k: str(v) for k, v in extra.items()})
   return env
+
+
+def tiny_config_file(directory, **overrides) -> str:
+  """A config file for `python -m cim_jax.pretrain` (run with subprocess_env): tiny_config."""
+  path = os.path.join(directory, "tiny_config.py")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("from train_fixtures import tiny_config\n\n\ndef get_config():\n"
+            f"  return tiny_config(**{overrides!r})\n")
+  return path
 
 
 def start_run(workdir, overrides=(), devices: int = 1, **env):
@@ -162,12 +167,9 @@ def start_run(workdir, overrides=(), devices: int = 1, **env):
 
 
 def _main(argv):
-  import jax  # pylint: disable=g-import-not-at-top
-  from cim_jax import sharding  # pylint: disable=g-import-not-at-top
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   sharding.maybe_initialize_distributed()
-  from cim_jax.train import loop  # pylint: disable=g-import-not-at-top
   evaluate = "--evaluate" in argv  # train_and_evaluate with the end-of-run report
   argv = [a for a in argv if a != "--evaluate"]
   workdir, overrides = argv[0], argv[1:]
@@ -179,10 +181,8 @@ def _main(argv):
     except (ValueError, SyntaxError):
       pass
     set_key(config, key, value)
-  from cim_jax import cli  # pylint: disable=g-import-not-at-top
   result = cli.run_or_exit(loop.train, config, workdir)  # a ConfigError: one line, exit 2
   if evaluate:
-    from cim_jax.evaluate import report as report_lib  # pylint: disable=g-import-not-at-top
     evaluation = report_lib.evaluate_run(result)
     with open(os.path.join(workdir, f"evaluation_process{jax.process_index()}.json"), "w") as f:
       json.dump(evaluation, f)

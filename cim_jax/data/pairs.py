@@ -62,8 +62,8 @@ _SEARCH_UNIFORMS = 2 * _RRC_TRIES + 3
 _BOX_UNIFORMS = 1 + 2 * _BOX_TRIES + 2
 EXEMPLAR_GEOMETRIES = ("release", "drawn_box")
 # Per axis, above it an exemplar axis is supersampled 2x. The mip level keeps the geometric
-# mean downscale <= sqrt(2), so only extreme aspect ratios get here (~3% of exemplars): at 1.5
-# (22%) it cost ~25 us per pair for +0.04 dB PSNR (bench/bench_pairs.py quality section).
+# mean downscale <= sqrt(2), so only extreme aspect ratios get here (~3% of exemplars); a lower
+# threshold buys almost no quality for its time (docs/BENCHMARKS.md, input pipeline).
 _MAX_WARP_DOWNSCALE = 2.0
 
 

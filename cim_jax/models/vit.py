@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 # (width, depth, num_heads) of the standard ViT sizes; the patch size comes from the variant string.
+# "Mu" is a 2-block, 64-wide ViT that compiles in seconds: tests and CPU smoke runs.
 _SIZES = {
+    "Mu": (64, 2, 2),
     "Ti": (192, 12, 3),
     "T": (192, 12, 3),
     "S": (384, 12, 6),
@@ -217,9 +219,7 @@ class SplitDense(nn.Module):
   The parameters are nn.Dense's (names, shapes, init), so checkpoints and timm interop see one
   packed layer (timm's `qkv`); the outputs are `parts` separate (..., features) arrays. Each
   leaves its own matmul contiguous, where slicing one packed output copies it forward and
-  concatenates the gradients backward. (ViT-B/16 CIM step at batch 512 compiled for an H100 by
-  bench/gpu_aot.py, this together with `even_padding`: 205.0 -> 195.3 GB moved per step with
-  cuDNN attention, 278.4 -> 276.3 GB with XLA's.)
+  concatenates the gradients backward: fewer bytes moved per step (docs/BENCHMARKS.md).
   """
   features: int
   parts: int

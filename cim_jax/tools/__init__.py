@@ -1,1 +1,1 @@
-"""Command-line tools: memory sizing of a config and mesh."""
+"""Command-line tools: checkpoint conversion, memory sizing of a step, pictures of CIM pairs."""
