@@ -63,7 +63,7 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     raise ConfigError(f"config file not found: {path}")
   spec = importlib.util.spec_from_file_location(
-      "cim_config_" + os.path.splitext(os.path.basename(path))[0], path)
+      "cim_config_" + os.path.splitext(name)[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):

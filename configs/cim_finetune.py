@@ -28,6 +28,7 @@ def get_config(arg="B/16"):
   # The pre-trained encoder; the decoder keys only shape the import of a CIM checkpoint.
   c.model = pretraining.model
   c.model.drop_path_rate = 0.1
+  c.model.freeze_patch_embed = False  # the release fine-tunes the patch projection too
 
   c.data = config_defaults.labelled_source("digits")
   c.data.num_classes = 0  # 0 = the number of classes in the training data; else must match it
@@ -65,4 +66,5 @@ def get_config(arg="B/16"):
   # a fixed table here, not a parameter).
   c.optim.wd_exempt = "1d+tokens"
   c.optim.grad_clip_norm = 0.0  # 0 disables (the MAE / CIM fine-tuning recipe does not clip)
+  c.optim.accum_steps = 1  # optimizer steps every accum_steps batches (mean gradient)
   return c

@@ -94,6 +94,7 @@ def test_finetune_recipe_follows_the_release(variant, epochs, fsdp):
   assert (config.optim.base_lr, config.optim.min_lr) == (1.2e-3, 1e-6)
   assert config.model.drop_path_rate == 0.1 and config.mixup.label_smoothing == 0.1
   assert config.data.source == "digits" and "labelled_source" not in config.data
+  assert config.model.freeze_patch_embed is False and config.optim.accum_steps == 1
 
 
 PRETRAIN, FINETUNE, EVALUATE = ("configs/demo.py", "configs/cim_finetune.py:Ti/16",
