@@ -52,6 +52,7 @@ def tiny_config(**overrides):
   c.keep_checkpoints = 5
   c.progress_bar = False
   c.mesh.fsdp = 1
+  c.eval.data.image_size = 64  # the end-of-run kNN (when a test turns it on)
   for key, value in overrides.items():
     set_key(c, key, value)
   return c
