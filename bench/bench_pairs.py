@@ -28,10 +28,13 @@ import cv2
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-from cim_jax import config_defaults  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from cim_jax import config_validation  # noqa: E402
 from cim_jax.data import pairs  # noqa: E402
 from cim_jax.data.decode import decode_image  # noqa: E402
+
+RECIPE = os.path.join(REPO, "configs", "cim_pretrain.py:Ti/16")
 
 
 def embedded_jpegs() -> list[bytes]:
@@ -230,7 +233,7 @@ def main():
   parser.add_argument("--compare_geometry", action="store_true",
                       help="also run (d): (a) with the other exemplar geometry, interleaved")
   parser.add_argument("--exemplar_geometry", choices=pairs.EXEMPLAR_GEOMETRIES,
-                      default=config_defaults.data_config().exemplar_geometry,
+                      default=config_validation.load_config_file(RECIPE).data.exemplar_geometry,
                       help="data.exemplar_geometry of (a) (default: the config default)")
   args = parser.parse_args()
   cv2.setNumThreads(1)

@@ -24,10 +24,13 @@ import time
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-from cim_jax import config_defaults  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from cim_jax import config_validation  # noqa: E402
 from cim_jax import geometry  # noqa: E402
 from cim_jax.data import pairs, pipeline, sources  # noqa: E402
+
+RECIPE = os.path.join(REPO, "configs", "cim_pretrain.py:Ti/16")
 
 
 def embedded_jpeg_source() -> sources.EncodedSource:
@@ -43,7 +46,7 @@ def embedded_jpeg_source() -> sources.EncodedSource:
 
 def samples_per_second(source, workers: int, batch: int, batches: int, warmup: int) -> float:
   """Throughput of the full pipeline after `warmup` batches (worker start-up excluded)."""
-  config = config_defaults.pretrain_config("tiny")
+  config = config_validation.load_config_file(RECIPE)
   config.batch_size = batch
   config.data.num_workers = workers
   iterator = pipeline.make_iterator(config, process_index=0, process_count=1, source=source)
@@ -60,7 +63,7 @@ def samples_per_second(source, workers: int, batch: int, batches: int, warmup: i
 
 def bytes_per_sample(source, batch: int) -> tuple[dict, dict]:
   """Bytes of one sample: label as corners (shipped) vs as a uint8 (N, C, C) mask."""
-  config = config_defaults.pretrain_config("tiny")
+  config = config_validation.load_config_file(RECIPE)
   config.batch_size = batch
   sample = next(pipeline.make_iterator(config, process_index=0, process_count=1, source=source))
   images = (sample["context"].nbytes + sample["exemplars"].nbytes) / batch

@@ -4,14 +4,14 @@
   python bench/bench_step.py --cases=B/16:256 --dtype=bfloat16 --max_batch   # GPU / TPU
   python bench/bench_step.py --cases=L/16:64 --fsdp=8 --no_torch --pipeline
   python bench/bench_step.py --cases=B/16:512 --attention_impl=xla,cudnn --no_torch   # GPU
-  python bench/bench_step.py --config=configs/cim_vit_large.py --config.batch_size=64 --no_torch
+  python bench/bench_step.py --config=configs/cim_pretrain.py:L/16 --config.batch_size=64 --no_torch
 
 Any pre-training config can be timed: `--config=FILE` and `--config.key=value` as for
-`python -m cim_jax.pretrain` (without them: configs/cim_vit_base.py, the recipe's sizes of docs/METHOD.md: context
-160, 6 exemplars of 64); --cases, --dtype, --remat, --fsdp, --workers and --attention_impl, when
-given, override the config's variant/batch and settings. "device batch" times
-the jitted step on a batch already on device; "with pipeline" adds grain pair generation and the
-host -> device transfer. MFU = FLOPs / step time / (peak x devices), with FLOPs from XLA's cost
+`python -m cim_jax.pretrain` (without them: configs/cim_pretrain.py:B/16, the recipe's sizes of
+docs/METHOD.md: context 160, 6 exemplars of 64); --cases, --dtype, --remat, --fsdp, --workers
+and --attention_impl, when given, override the config's variant/batch and settings. "device
+batch" times the jitted step on a batch already on device; "with pipeline" adds grain pair
+generation and the host -> device transfer. MFU = FLOPs / step time / (peak x devices), with FLOPs from XLA's cost
 analysis of the whole lowered step (backward, optimizer and rematerialised work included). The
 lowered, not the compiled, program is analysed: after GPU compilation the matmuls are cuBLAS
 custom calls that the analysis does not count, before it they are plain dots on every backend.
@@ -63,7 +63,7 @@ def measured_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(REPO, "configs", "cim_vit_base.py")
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "cim_pretrain.py:B/16")
 
 
 def load_base_config(config_args):
@@ -74,7 +74,7 @@ def load_base_config(config_args):
 def add_case_arguments(parser, default_cases: str, default_dtype: str):
   """--config, --cases, --dtype: the config and cases to time or compile (gpu_aot.py too)."""
   parser.add_argument("--config", default="",
-                      help="pre-training config file (default configs/cim_vit_base.py); "
+                      help="pre-training config file (default configs/cim_pretrain.py:B/16); "
                            "--config.key=value overrides may follow")
   parser.add_argument("--cases", default=None,
                       help=f"comma-separated VARIANT:GLOBAL_BATCH (default: {default_cases}; "

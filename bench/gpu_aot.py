@@ -3,7 +3,7 @@
   JAX_PLATFORMS=cpu python bench/gpu_aot.py --cases=B/16:512 --attention_impl=xla,cudnn
   JAX_PLATFORMS=cpu python bench/gpu_aot.py --gpu=H200 --largest_batch --cases=B/16:512
   JAX_PLATFORMS=cpu python bench/gpu_aot.py --cases=B/16:512 --dtype=bfloat16 \
-      --attention_impl=cudnn --config.model.gelu_approximate=true --top=20
+      --attention_impl=cudnn --config.model.approximate_gelu=true --top=20
 
 Needs JAX's CUDA plugin for the installed jax (no GPU, no driver): in a separate virtualenv,
 `pip install jax-cuda13-plugin==$JAXVER jax-cuda13-pjrt==$JAXVER --no-deps` next to the project's

@@ -39,7 +39,7 @@ VARIANTS=(
 # After these: 'cudnn+combined', the flags of every 'cudnn+...' row faster than 'cudnn' together
 # (when two or more were), then a profile of the fastest row, then the largest batch.
 # (No tanh-GELU row: with the exact GELU's backward recomputed from its input (vit.exact_gelu),
-# gpu_aot.py estimates model.gelu_approximate=true at 98.7 ms/step against 97.9 for the recipe.)
+# gpu_aot.py estimates model.approximate_gelu=true at 98.7 ms/step against 97.9 for the recipe.)
 
 trim() { local s="$1"; s="${s#"${s%%[![:space:]]*}"}"; echo "${s%"${s##*[![:space:]]}"}"; }
 

@@ -1,4 +1,4 @@
-"""Shared command-line handling: `--config=FILE --config.key=value --flag=value`.
+"""Shared command-line handling: `--config=FILE[:ARG] --config.key=value --flag=value`.
 
 Config problems end the program with a one-line message and exit status 2, before any jax
 compilation, instead of a traceback (absl's config_flags raises deep inside flag parsing).
@@ -50,8 +50,13 @@ def configure_logging() -> None:
 
 
 def parse(argv: list[str], *, default_config: str, flags: dict[str, str] | None = None,
-          validate: bool = True) -> tuple[ml_collections.ConfigDict, dict[str, str]]:
-  """Returns (config, flags) from argv; flags maps each `--name=value` to its string value."""
+          validate: bool = True, kind: str | None = None
+          ) -> tuple[ml_collections.ConfigDict, dict[str, str]]:
+  """Returns (config, flags) from argv; flags maps each `--name=value` to its string value.
+
+  `--config=FILE:ARG` calls the file's `get_config(ARG)`; `kind` is the kind of config expected
+  (see `config_validation.validate`).
+  """
   flags = dict(flags or {})
   config_path = default_config
   overrides = []
@@ -72,14 +77,14 @@ def parse(argv: list[str], *, default_config: str, flags: dict[str, str] | None 
   for key, value in overrides:
     config_validation.apply_override(config, key, value)
   if validate:
-    config_validation.validate(config)
+    config_validation.validate(config, kind=kind)
   return config, flags
 
 
 def parse_or_exit(argv, **kwargs):
   """`parse`, printing a ConfigError as one line and exiting with status 2."""
   if any(a in ("-h", "--help") for a in argv):
-    print(f"usage: python -m {kwargs.get('prog', 'cim_jax...')} --config=FILE "
+    print(f"usage: python -m {kwargs.get('prog', 'cim_jax...')} --config=FILE[:ARG] "
           "[--config.key=value ...] " + " ".join(f"[--{f}=...]" for f in kwargs.get("flags", {})))
     sys.exit(0)
   kwargs.pop("prog", None)
@@ -148,14 +153,16 @@ def run_training(fn, config, workdir: str, **kwargs) -> dict:
   return result
 
 
-def run_tool(main: Callable, *, prog: str, default_config: str = "configs/cim_vit_tiny.py",
-        flags: dict[str, str] | None = None):
+def run_tool(main: Callable, *, prog: str, default_config: str,
+             flags: dict[str, str] | None = None, kind: str | None = None):
   """Entry point in the style of pre-training: `--config=FILE --config.key=value [--flag=...]`.
 
-  Calls `main(config, **flags)`. The user's mistakes (a ConfigError, a path that does not exist,
-  an image that cannot be decoded) end the program with `error: ...` and status 2; anything else
-  is an internal failure, named with where it was raised, status 1 (see run_or_exit).
+  Calls `main(config, **flags)`, after validating a config of `kind` when given. The user's
+  mistakes (a ConfigError, a path that does not exist, an image that cannot be decoded) end the
+  program with `error: ...` and status 2; anything else is an internal failure, named with where
+  it was raised, status 1 (see run_or_exit).
   """
   config, flag_values = parse_or_exit(sys.argv[1:], default_config=default_config,
-                                          flags=dict(flags or {}), validate=False, prog=prog)
+                                      flags=dict(flags or {}), validate=kind is not None,
+                                      kind=kind, prog=prog)
   return run_or_exit(main, config, **flag_values, user_errors=USER_ERRORS)

@@ -13,21 +13,79 @@ import os
 import jax
 import ml_collections
 
+from cim_jax.data import labelled
+from cim_jax.data import pairs
 from cim_jax.errors import ConfigError
 from cim_jax.models import vit
 
 
+# Config files that were replaced: their name -> the file and argument that replace them.
+REPLACED_FILES = {
+    f"{old}_vit_{size}.py": f"{new}.py:{variant}"
+    for size, variant in (("tiny", "Ti/16"), ("small", "S/16"), ("base", "B/16"),
+                          ("large", "L/16"), ("huge", "H/14"))
+    for old, new in (("cim", "cim_pretrain"), ("finetune", "cim_finetune"))}
+
+# Renamed keys -> their new names; the first one the config at hand has is named. Settings of
+# the evaluation tools moved from the pre-training config to the evaluation config.
+_EVAL_DATA = ("tfds_name", "tfds_eval_split", "tfds_data_dir", "tfds_image_key",
+              "tfds_label_key", "image_size", "batch_size", "crop_pct", "read_threads")
+_EVAL_ONLY = ("feature_pool", "probe_optimizer", "probe_base_lr", "probe_epochs",
+              "probe_warmup_epochs", "probe_batch_size", "probe_weight_decay")
+RENAMED = {
+    "data.heldout_root": ("data.eval_root",),
+    "data.tfds_heldout_split": ("data.tfds_eval_split",),
+    "data.labelled_source": ("data.source",),
+    "model.gelu_approximate": ("model.approximate_gelu",),
+    "checkpoint": ("init_from",),
+    "eval.labelled_source": ("eval.data.source", "data.source"),
+    "eval.train_root": ("eval.data.root", "data.root"),
+    "eval.eval_root": ("eval.data.eval_root", "data.eval_root"),
+    "eval.tfds_train_split": ("eval.data.tfds_split", "data.tfds_split"),
+    **{f"eval.{key}": (f"eval.data.{key}", f"data.{key}") for key in _EVAL_DATA},
+    **{f"eval.{key}": (f"eval.{key}",) for key in _EVAL_ONLY},  # moved, same name
+    "eval.output_dir": "the --output_dir flag of cim_jax.evaluate.visualize",
+}
+
+# The recipe file that makes each kind of config (see `kind_of`).
+RECIPES = {"pretraining": "configs/cim_pretrain.py", "finetuning": "configs/cim_finetune.py",
+           "evaluation": "configs/cim_eval.py"}
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """Runs `get_config()` of a python config file (big_vision style)."""
+  """Runs `get_config()` of a python config file (big_vision style); `FILE.py:ARG` passes ARG."""
+  path, sep, arg = path.partition(".py:")
+  path += ".py" if sep else ""
+  name = os.path.basename(path)
+  if name in REPLACED_FILES and not os.path.isfile(path):
+    raise ConfigError(f"{path} was replaced by "
+                      f"{os.path.join(os.path.dirname(path), REPLACED_FILES[name])}")
   if not os.path.isfile(path):
     raise ConfigError(f"config file not found: {path}")
   spec = importlib.util.spec_from_file_location(
-      "cim_config_" + os.path.splitext(os.path.basename(path))[0], path)
+      "cim_config_" + os.path.splitext(name)[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path} defines no get_config()")
-  return module.get_config()
+  if not arg:
+    return module.get_config()
+  try:
+    return module.get_config(arg)
+  except (KeyError, TypeError):
+    raise ConfigError(f"config file {path} has no argument {arg!r}") from None
+
+
+def _renamed(key: str, valid: list[str]) -> str:
+  """The message for a renamed key: its new name in this config or in the evaluation config."""
+  if isinstance(RENAMED[key], str):
+    return f"config.{key} was replaced by {RENAMED[key]}"
+  new = next((k for k in RENAMED[key] if k in valid), None)
+  if new:
+    return f"config.{key} was renamed to config.{new}"
+  new = RENAMED[key][-1]
+  return (f"config.{key} moved to {'' if new == key else f'config.{new} of '}the evaluation "
+          f"config ({RECIPES['evaluation']})")
 
 
 def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -82,6 +140,8 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
   for i, part in enumerate(parts):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
       valid = _all_keys(config)
+      if key in RENAMED:
+        raise ConfigError(_renamed(key, valid))
       close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
       hint = f"; did you mean {', '.join('config.' + c for c in close)}?" if close else ""
       raise ConfigError(f"unknown config key config.{key}{hint}")
@@ -98,33 +158,71 @@ def _check(condition: bool, message: str) -> None:
     raise ConfigError(message)
 
 
-def _check_range(config, key: str, lo_min: float, hi_max: float) -> None:
-  value = config
-  for part in key.split("."):
-    value = value[part]
-  lo, hi = value
-  _check(lo_min <= lo <= hi <= hi_max,
-         f"config.{key}={tuple(value)} must satisfy {lo_min} <= low <= high <= {hi_max}")
+def kind_of(config: ml_collections.ConfigDict) -> str:
+  """'pretraining', 'finetuning' or 'evaluation' (no optimizer): what a config was made for."""
+  if "mixup" in config:
+    return "finetuning"
+  return "pretraining" if "optim" in config else "evaluation"
 
 
-def validate(config: ml_collections.ConfigDict, *, device_count: int | None = None) -> None:
-  """Checks values that no compilation could survive; `device_count` defaults to jax's."""
+def validate(config: ml_collections.ConfigDict, *, kind: str | None = None,
+             device_count: int | None = None) -> None:
+  """Checks values that no compilation could survive; `device_count` defaults to jax's.
 
-  m, d, o = config.model, config.data, config.optim
+  `kind`: the kind of config the caller reads (see `kind_of`); another kind is an error.
+  """
+  valid = _all_keys(config)
+  for key, new in RENAMED.items():  # a config file may set an old key without an override
+    if key in valid and key not in new:
+      raise ConfigError(_renamed(key, valid))
+  found = kind_of(config)
+  if kind and found != kind:
+    raise ConfigError(f"expected a config for {kind} ({RECIPES[kind]}:VARIANT), got one for "
+                      f"{found}")
+  patch = _check_model(config.model)
+  if found == "evaluation":
+    _check_labelled(config.data, "config.data", patch)
+    pool = config.eval.feature_pool
+    _check(pool not in ("cls", "mean"), f"config.eval.feature_pool={pool!r} was renamed to "
+           f"{dict(cls='tok', mean='gap').get(pool)!r}")
+    _check(pool in ("tok", "gap"), f"config.eval.feature_pool={pool!r} must be 'tok' or 'gap'")
+    _check(config.eval.probe_optimizer in ("sgd", "lars", "adamw"),
+           f"config.eval.probe_optimizer={config.eval.probe_optimizer!r} must be 'sgd', 'lars' "
+           "or 'adamw'")
+    return
+  _check_training(config, jax.device_count() if device_count is None else device_count)
+  if found == "finetuning":
+    _check_labelled(config.data, "config.data", patch)
+    _check(0.0 < config.optim.layer_decay <= 1.0,
+           f"config.optim.layer_decay={config.optim.layer_decay} must lie in (0, 1]")
+    return
+  _check_pairs(config.data, config.model, patch)
+  if config.eval.knn:
+    _check_labelled(config.eval.data, "config.eval.data", patch)
+
+
+def _check_model(m) -> int:
+  """Checks config.model; returns the patch size."""
   try:
     sizes = vit.decode_variant(m.variant)
   except (KeyError, ValueError) as e:
     raise ConfigError(f"config.model.variant={m.variant!r}: {e}") from None
-  patch = sizes["patch_size"]
+  _check(m.dtype in ("float32", "bfloat16"),
+         f"config.model.dtype={m.dtype!r} must be 'float32' or 'bfloat16'")
+  return sizes["patch_size"]
+
+
+def _check_training(config, device_count: int) -> None:
+  """Batch, mesh, optimizer and run length of a pre-training or fine-tuning config."""
+  o = config.optim
   _check(config.batch_size > 0, f"config.batch_size={config.batch_size} must be positive")
-  if device_count is None:
-    device_count = jax.device_count()
   _check(config.batch_size % device_count == 0,
          f"config.batch_size={config.batch_size} is not divisible by the {device_count} devices")
   _check(config.mesh.fsdp >= 1 and device_count % config.mesh.fsdp == 0,
          f"config.mesh.fsdp={config.mesh.fsdp} does not divide the {device_count} devices")
-  _check(o.accum_steps >= 1 and (config.batch_size // device_count) % o.accum_steps == 0,
-         f"config.optim.accum_steps={o.accum_steps} must divide the per-device batch "
+  accum = o.get("accum_steps", 1)
+  _check(accum >= 1 and (config.batch_size // device_count) % accum == 0,
+         f"config.optim.accum_steps={accum} must divide the per-device batch "
          f"{config.batch_size // device_count}")
   _check(o.base_lr >= 0 and math.isfinite(o.base_lr),
          f"config.optim.base_lr={o.base_lr} must be a finite number >= 0")
@@ -135,50 +233,39 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
          f"config.optim.wd_exempt={o.wd_exempt!r} must be '1d' or '1d+tokens'")
   _check(config.num_train_steps > 0 or config.num_epochs > 0,
          "config.num_epochs or config.num_train_steps must be positive")
-  _check(0.0 <= config.ema.momentum_start <= config.ema.momentum_end <= 1.0,
-         "config.ema.momentum_start <= config.ema.momentum_end must lie in [0, 1]")
-  _check(m.dtype in ("float32", "bfloat16"),
-         f"config.model.dtype={m.dtype!r} must be 'float32' or 'bfloat16'")
+
+
+def _check_labelled(d, prefix: str, patch: int) -> None:
+  """A labelled data group (`config_defaults.labelled_source` and what reads it)."""
+  _check(d.source != "embedded", f"{prefix}.source='embedded' was renamed to the embedded set's "
+         "name: 'digits' or 'lfw'")
+  _check(d.source in labelled.LABELLED_SOURCES, f"{prefix}.source={d.source!r} must be one of "
+         f"{', '.join(labelled.LABELLED_SOURCES)}")
+  _check(d.image_size > 0 and d.image_size % patch == 0,
+         f"{prefix}.image_size={d.image_size} must be a positive multiple of the patch size "
+         f"{patch}")
+
+
+def _check_pairs(d, m, patch: int) -> None:
+  """Pair generation (docs/METHOD.md section 1) and the decoder of a pre-training config."""
+  try:
+    pairs.PairSpec.from_config(d)
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from None
   _check(d.source in ("embedded", "imagefolder", "tfds"),
          f"config.data.source={d.source!r} must be 'embedded', 'imagefolder' or 'tfds'")
-  _check(d.source != "imagefolder" or bool(d.root),
-         "config.data.root must name the ImageFolder directory when config.data.source='imagefolder'")
-  _check(d.num_exemplars >= 1, f"config.data.num_exemplars={d.num_exemplars} must be >= 1")
-  _check(d.context_size <= d.search_size,
-         f"config.data.context_size={d.context_size} is larger than config.data.search_size={d.search_size}")
+  _check(d.source != "imagefolder" or bool(d.root), "config.data.root must name the ImageFolder "
+         "directory when config.data.source='imagefolder'")
+  _check(d.context_size <= d.search_size, f"config.data.context_size={d.context_size} is larger "
+         f"than config.data.search_size={d.search_size}")
   _check(d.exemplar_size <= d.context_size,
          f"config.data.exemplar_size={d.exemplar_size} is larger than the context "
          f"(config.data.context_size={d.context_size})")
   for key in ("context_size", "exemplar_size"):
-    _check(d[key] > 0 and d[key] % patch == 0,
+    _check(d[key] % patch == 0,
            f"config.data.{key}={d[key]} must be a positive multiple of the patch size {patch}")
-  _check_range(config, "data.search_scale", 1e-6, 1.0)
-  _check_range(config, "data.exemplar_scale", 1e-6, 1.0)
-  _check_range(config, "data.search_ratio", 1e-6, math.inf)
-  _check_range(config, "data.exemplar_ratio", 1e-6, math.inf)
-  _check_range(config, "data.blur_sigma", 0.0, math.inf)
-  _check(0.0 <= d.exemplar_rotation <= 90.0,
-         f"config.data.exemplar_rotation={d.exemplar_rotation} must lie in [0, 90] degrees")
-  _check(d.exemplar_geometry in ("release", "drawn_box"),
-         f"config.data.exemplar_geometry={d.exemplar_geometry!r} must be 'release' or 'drawn_box'")
-  _check(d.exemplar_geometry != "release"
-         or (d.exemplar_rotation % 1 == 0 and d.exemplar_rotation <= 45.0),
-         f"config.data.exemplar_rotation={d.exemplar_rotation} must be a whole number of degrees "
-         f"in [0, 45] with config.data.exemplar_geometry='release'")
-  for key in ("search_flip_prob", "color_jitter_prob", "grayscale_prob", "blur_prob",
-              "solarize_prob", "exemplar_flip_prob"):
-    _check(0.0 <= d[key] <= 1.0, f"config.data.{key}={d[key]} must be a probability in [0, 1]")
   _check(d.min_image_size >= 1, f"config.data.min_image_size={d.min_image_size} must be >= 1")
   _check(d.num_workers >= 0, f"config.data.num_workers={d.num_workers} must be >= 0")
   _check(m.decoder_dim % m.decoder_heads == 0,
          f"config.model.decoder_dim={m.decoder_dim} is not divisible by config.model.decoder_heads="
          f"{m.decoder_heads}")
-
-
-def validate_pretraining(config: ml_collections.ConfigDict) -> None:
-  """`validate` plus what the end-of-run report of a pre-training run needs.
-
-  (An ImageFolder run without config.data.heldout_root holds a few of its images out for the
-  pretext IoU instead: see `sources.heldout_count`.)
-  """
-  validate(config)

@@ -1,6 +1,7 @@
 """CIM pre-training entry point: flags -> config -> trainer.
 
-python -m cim_jax.pretrain --config=configs/cim_vit_base.py --workdir=DIR [--config.key=value ...]
+python -m cim_jax.pretrain --config=configs/cim_pretrain.py:B/16 --workdir=DIR \
+    [--config.key=value ...]
 
 A restart with the same --workdir resumes from its last checkpoint.
 
@@ -28,14 +29,14 @@ def main(argv: list[str] | None = None) -> None:
   # Validation needs the device count, which multi-host runs only know after
   # jax.distributed.initialize(): parse first, initialise, then validate.
   config, flags = cli.parse_or_exit(
-      argv, default_config="configs/cim_vit_base.py", flags={"workdir": ""},
+      argv, default_config="configs/cim_pretrain.py:B/16", flags={"workdir": ""},
       validate=False, prog="cim_jax.pretrain")
   if not flags["workdir"]:
     print("error: --workdir=DIR is required (checkpoints, logs and the report go there)",
           file=sys.stderr)
     sys.exit(2)
   sharding.maybe_initialize_distributed()
-  cli.exit_on_config_error(config_validation.validate_pretraining, config)
+  cli.exit_on_config_error(config_validation.validate, config, kind="pretraining")
   cli.configure_logging()
   cli.exit_on_config_error(preflight.check_pretraining, config, flags["workdir"])
 

@@ -3,7 +3,7 @@
 python -m cim_jax.finetune --config=configs/finetune_demo.py --workdir=workdirs/ftdemo \
     [--config.init_from=workdirs/demo]
 
-The recipe of configs/finetune_vit_tiny.py (layer-wise lr decay, RandAugment, mixup / cutmix,
+The recipe of configs/cim_finetune.py:Ti/16 (layer-wise lr decay, RandAugment, mixup / cutmix,
 label smoothing, random erasing, drop path, AdamW with warm-up + cosine), shrunk to 64x64 digits
 (16 patches), batch 64 and 8 epochs over the 1437 training digits (176 steps), evaluated on the
 360 test digits after every epoch. It starts from `workdirs/demo` (the README's pre-training run)
@@ -13,13 +13,14 @@ picks another pre-training work dir (--config.init_from= forces from scratch).
 
 import os
 
-from cim_jax import config_defaults
+from cim_jax import config_validation
 
 DEMO_PRETRAINING = "workdirs/demo"
 
 
 def get_config():
-  config = config_defaults.finetune_config("tiny")
+  config = config_validation.load_config_file(
+      os.path.join(os.path.dirname(__file__), "cim_finetune.py:Ti/16"))
   if os.path.isdir(os.path.join(DEMO_PRETRAINING, "checkpoints")):
     config.init_from = DEMO_PRETRAINING
   config.data.source = "digits"

@@ -4,7 +4,7 @@
 # Usage (the same line on every node, only --process-id differs):
 #   bash launch/gpu_multinode.sh --coordinator=HOST0:PORT --num-processes=N --process-id=I \
 #     [--local-device-ids=0,1,...] [--python=PATH] [--dry-run] \
-#     --config=configs/cim_vit_base.py --workdir=DIR [--config.key=value ...]
+#     --config=configs/cim_pretrain.py:B/16 --workdir=DIR [--config.key=value ...]
 #
 # One process per node (default): it drives all local GPUs; N = number of nodes, I = node index.
 # One process per GPU: start G processes per node with --local-device-ids=g (g = 0..G-1),

@@ -5,8 +5,9 @@
 # Usage:
 #   bash launch/tpu_pod.sh --name=cim-b16 --zone=us-central2-b --accelerator-type=v4-64 \
 #     --workdir=gs://BUCKET/runs/cim_b16 --data-dir=gs://BUCKET/tensorflow_datasets \
-#     [--config=configs/cim_vit_base.py] [--version=RUNTIME] [--project=P] [--spot|--preemptible] \
-#     [--repo=GIT_URL [--ref=REF]] [--skip-install] [--detach] [--max-restarts=N] [--dry-run] \
+#     [--config=configs/cim_pretrain.py:B/16] [--version=RUNTIME] [--project=P] \
+#     [--spot|--preemptible] [--repo=GIT_URL [--ref=REF]] [--skip-install] [--detach] \
+#     [--max-restarts=N] [--dry-run] \
 #     [--config.key=value ...]
 #
 # Every worker runs the same command; JAX finds the slice's hosts itself and the trainer resumes
@@ -20,7 +21,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/launch/common.sh"
 die() { echo "tpu_pod.sh: error: $*" >&2; exit 2; }
 
-name="" zone="" accelerator="" runtime="" project="" config="configs/cim_vit_base.py"
+name="" zone="" accelerator="" runtime="" project="" config="configs/cim_pretrain.py:B/16"
 workdir="" data_dir="" provisioning="" repo="" ref="main" skip_install=0 detach=0
 max_restarts=0 overrides=()
 for arg in "$@"; do
@@ -52,7 +53,8 @@ done
 [ -n "$workdir" ] || die "--workdir is required (a gs:// path: every worker writes checkpoints there)"
 case "$workdir" in gs://*) ;; *) die "--workdir=$workdir must be a gs:// path shared by all workers" ;; esac
 [[ "$max_restarts" =~ ^[0-9]+$ ]] || die "--max-restarts=$max_restarts must be a number >= 0"
-[ -f "$ROOT/$config" ] || die "config file not found: $config (paths are relative to the repository root)"
+# A config is FILE or FILE:ARG (get_config's argument, e.g. the ViT variant).
+[ -f "$ROOT/${config%%:*}" ] || die "config file not found: ${config%%:*} (paths are relative to the repository root)"
 
 # The runtime image per TPU generation (Cloud TPU docs); --version overrides it.
 if [ -z "$runtime" ]; then

@@ -140,7 +140,7 @@ def test_a_crash_inside_the_finetuning_pipeline_is_internal_not_a_config_error(
   source = labelled.LabelledRecords(labelled.Labelled(images, np.arange(8) % 2, 2))
   monkeypatch.setattr(finetuning, "labelled_sources", lambda config: (source, source, 2))
   monkeypatch.setattr("sys.argv", [
-      "finetune", "--config=configs/finetune_vit_tiny.py", f"--workdir={tmp_path}",
+      "finetune", "--config=configs/cim_finetune.py:Ti/16", f"--workdir={tmp_path}",
       "--config.batch_size=8", "--config.num_train_steps=1", "--config.data.image_size=16",
       "--config.data.randaug_num_ops=2", "--config.progress_bar=false"])
   with pytest.raises(SystemExit) as exit_info:

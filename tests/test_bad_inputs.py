@@ -20,14 +20,13 @@ import pytest
 from PIL import Image
 
 from cim_jax import cli
-from cim_jax import config_defaults
 from cim_jax import config_validation
 from cim_jax import errors
 from cim_jax.data import decode
 from cim_jax.data import pipeline
 from cim_jax.data import sources
 from test_exits import assert_clean, command, error_lines, run
-from train_fixtures import REPO, subprocess_env
+from train_fixtures import REPO, recipe, subprocess_env
 
 CLASS = "odd"
 
@@ -204,7 +203,7 @@ PIL's DecompressionBombWarning."""
 # ---- the pre-training pipeline over an ImageFolder holding every kind ----
 
 def _config(batch_size, **data):
-  config = config_defaults.pretrain_config("tiny")
+  config = recipe()
   config.batch_size = batch_size
   config.data.update(dict(source="imagefolder", shuffle=False, context_size=32,
                           exemplar_size=16, search_size=48, num_exemplars=2))

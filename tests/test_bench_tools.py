@@ -62,7 +62,7 @@ def test_kernel_kinds(name, kind):
   assert profile_summary.kernel_kind(name) == kind
 
 
-TINY_CONFIG = ["--config=configs/cim_vit_tiny.py", "--config.batch_size=2",
+TINY_CONFIG = ["--config=configs/cim_pretrain.py:Ti/16", "--config.batch_size=2",
                "--config.data.num_exemplars=2", "--config.data.context_size=32",
                "--config.data.exemplar_size=16", "--config.model.decoder_dim=64",
                "--config.model.decoder_heads=4"]
@@ -71,7 +71,7 @@ TINY_CONFIG = ["--config=configs/cim_vit_tiny.py", "--config.batch_size=2",
 def test_bench_step_times_any_config_with_and_without_the_pipeline(capsys):
   bench_step.main(TINY_CONFIG + ["--no_torch", "--steps=1", "--rounds=1", "--pipeline"])
   out = capsys.readouterr().out
-  assert "config configs/cim_vit_tiny.py with --config.batch_size=2" in out
+  assert "config configs/cim_pretrain.py:Ti/16 with --config.batch_size=2" in out
   row = [line for line in out.splitlines() if line.startswith("Ti/16 b2 ")]
   assert len(row) == 1, out
   fields = row[0].split()

@@ -8,13 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cim_jax import config_defaults
 from cim_jax.models import cim
-from train_fixtures import randomize
+from train_fixtures import randomize, recipe
 
 
 def _tiny_config(**model_overrides):
-  config = config_defaults.pretrain_config("tiny")
+  config = recipe()
   config.model.update(model_overrides)
   return config
 

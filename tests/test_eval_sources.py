@@ -15,12 +15,12 @@ from cim_jax.data import augment
 from cim_jax import sharding
 from cim_jax.evaluate import knn, linear_probe
 from cim_jax.train import finetuning
-from train_fixtures import tiny_config
+from train_fixtures import recipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TFDS_DIR = os.path.join(REPO, "tests", "fixtures", "tfds")
 CLASSES = (0, 1, 6, 7)  # chance is 25%
-SIZE = 16  # eval.image_size of these tests (one 16x16 patch of the Mu/16 encoder)
+SIZE = 16  # data.image_size of these tests (one 16x16 patch of the Mu/16 encoder)
 CROP_PCT = 0.95
 
 
@@ -53,14 +53,14 @@ def in_memory(records: labelled.LabelledRecords) -> labelled.Labelled:
   return labelled.Labelled(images, labels, records.num_classes)
 
 
-def eval_config(**eval_overrides):
-  config = tiny_config()
-  config.eval.image_size = SIZE
-  config.eval.batch_size = 32
-  config.eval.crop_pct = CROP_PCT
-  config.eval.read_threads = 2
-  for key, value in eval_overrides.items():
-    setattr(config.eval, key, value)
+def eval_config(probe=(), **data_overrides):
+  """configs/cim_eval.py with the tiny Mu/16 encoder; `probe`: config.eval overrides."""
+  config = recipe("cim_eval.py:Ti/16")
+  config.model.variant = "Mu/16"
+  config.progress_bar = False
+  config.data.update(dict(image_size=SIZE, batch_size=32, crop_pct=CROP_PCT, read_threads=2))
+  config.data.update(data_overrides)
+  config.eval.update(dict(probe))
   return config
 
 
@@ -91,18 +91,17 @@ def test_streamed_imagefolder_matches_in_memory_arrays(digit_folders):
 
 
 def test_knn_and_probe_of_an_encoder_on_imagefolder(digit_folders):
-  config = eval_config(labelled_source="imagefolder", train_root=digit_folders[0],
-                       eval_root=digit_folders[1], probe_epochs=5, probe_warmup_epochs=1,
-                       probe_batch_size=32)
-  train, test = labelled.eval_splits(config)
+  config = eval_config(source="imagefolder", root=digit_folders[0], eval_root=digit_folders[1],
+                       probe=dict(probe_epochs=5, probe_warmup_epochs=1, probe_batch_size=32))
+  train, test = labelled.splits(config.data)
   assert isinstance(train, labelled.LabelledRecords) and len(test) == 48
-  kwargs = dict(knn.eval_kwargs(config), ks=(10,))
+  kwargs = dict(knn.feature_kwargs(config.data), ks=(10,))
   streamed = knn.knn_accuracy(None, config.model, train, test, **kwargs)
   arrays = knn.knn_accuracy(None, config.model, in_memory(train), in_memory(test), **kwargs)
   assert streamed == arrays and set(streamed) == {"k10/top1"}
 
   recipe = linear_probe.recipe_from_config(config)
-  probe_kwargs = dict(knn.eval_kwargs(config), recipe=recipe)
+  probe_kwargs = dict(knn.feature_kwargs(config.data), recipe=recipe)
   probe = linear_probe.linear_probe_accuracy(None, config.model, train, test, **probe_kwargs)
   probe_arrays = linear_probe.linear_probe_accuracy(None, config.model, in_memory(train),
                                                     in_memory(test), **probe_kwargs)
@@ -113,10 +112,9 @@ def test_knn_and_probe_of_an_encoder_on_imagefolder(digit_folders):
 
 
 def test_labelled_tfds_fixture_reads_through_the_same_path():
-  config = eval_config(labelled_source="tfds", tfds_name="cim_tiny_photos",
-                       tfds_train_split="train", tfds_eval_split="validation",
-                       tfds_data_dir=TFDS_DIR)
-  train, test = labelled.eval_splits(config)
+  config = eval_config(source="tfds", tfds_name="cim_tiny_photos", tfds_split="train",
+                       tfds_eval_split="validation", tfds_data_dir=TFDS_DIR)
+  train, test = labelled.splits(config.data)
   assert (len(train), len(test), train.num_classes) == (6, 2, 2)
   feats, labels = knn.labelled_features(flatten_pixels, train, image_size=SIZE, batch_size=4,
                                         crop_pct=CROP_PCT)
@@ -155,8 +153,7 @@ def test_finetune_data_reads_tfds_and_imagefolder(digit_folders):
 
 
 def finetune_config(**data_overrides):
-  from cim_jax import config_defaults
-  config = config_defaults.finetune_config("tiny")
+  config = recipe("cim_finetune.py:Ti/16")
   config.batch_size = 4
   config.data.image_size = SIZE
   config.data.eval_batch_size = 4
@@ -167,21 +164,21 @@ def finetune_config(**data_overrides):
 
 
 @pytest.mark.parametrize("overrides,error,message", [
-    (dict(labelled_source="cifar10"), ValueError,
-     r"labelled_source='cifar10' must be one of digits, lfw, imagefolder, tfds"),
-    (dict(labelled_source="imagefolder", eval_root="/x"), ValueError,
-     r"config.eval.train_root must name an ImageFolder directory"),
-    (dict(labelled_source="imagefolder", train_root="/no/such/dir", eval_root="/x"),
-     FileNotFoundError, r"config.eval.train_root='/no/such/dir' does not exist"),
-    (dict(labelled_source="tfds", tfds_name="cim_tiny_photos", tfds_data_dir=TFDS_DIR,
+    (dict(source="cifar10"), ValueError,
+     r"config.data.source='cifar10' must be one of digits, lfw, imagefolder, tfds"),
+    (dict(source="imagefolder", eval_root="/x"), ValueError,
+     r"config.data.root must name an ImageFolder directory"),
+    (dict(source="imagefolder", root="/no/such/dir", eval_root="/x"),
+     FileNotFoundError, r"config.data.root='/no/such/dir' does not exist"),
+    (dict(source="tfds", tfds_name="cim_tiny_photos", tfds_data_dir=TFDS_DIR,
           tfds_eval_split="validation", tfds_label_key="species"), ValueError,
      r"has no label feature 'species'; features: \['image', 'label'\]"),
-    (dict(labelled_source="tfds", tfds_name="no_such_dataset", tfds_data_dir=TFDS_DIR),
+    (dict(source="tfds", tfds_name="no_such_dataset", tfds_data_dir=TFDS_DIR),
      FileNotFoundError, r"TFDS dataset 'no_such_dataset' not found"),
 ])
 def test_bad_eval_source_config_is_named(overrides, error, message):
   with pytest.raises(error, match=message):
-    labelled.eval_splits(eval_config(**overrides))
+    labelled.splits(eval_config(**overrides).data)
 
 
 def test_imagefolder_class_folders_must_agree(tmp_path, digit_folders):
@@ -194,16 +191,19 @@ def test_imagefolder_class_folders_must_agree(tmp_path, digit_folders):
     finetuning.labelled_sources(finetune_config(source="csv"))
 
 
-def test_cli_reports_a_missing_root_in_one_line():
-  out = subprocess.run(
-      [sys.executable, "-m", "cim_jax.evaluate.knn", "--config=configs/cim_vit_tiny.py",
-       "--config.eval.labelled_source=imagefolder", "--config.eval.train_root=/no/such/dir",
-       "--config.eval.eval_root=/no/such/dir"],
-      cwd=REPO, capture_output=True, text=True, timeout=120,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/cim_eval.py:Ti/16", "--config.data.source=imagefolder",
+      "--config.data.root=/no/such/dir", "--config.data.eval_root=/no/such/dir"],
+     "config.data.root='/no/such/dir' does not exist or is not a directory"),
+    (["--config=configs/demo.py", "--config.init_from=workdirs/demo"],
+     "expected a config for evaluation (configs/cim_eval.py:VARIANT), got one for pretraining"),
+])
+def test_cli_reports_a_bad_source_or_config_in_one_line(args, message):
+  out = subprocess.run([sys.executable, "-m", "cim_jax.evaluate.knn", *args], cwd=REPO,
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode == 2, out.stderr[-2000:]
-  assert out.stderr.strip() == ("error: config.eval.train_root='/no/such/dir' does not exist "
-                                "or is not a directory")
+  assert out.stderr.strip() == f"error: {message}"
 
 
 def test_undecodable_evaluation_image_is_named(tmp_path):

@@ -90,12 +90,12 @@ def test_bad_imagefolder_root_is_one_config_error(tmp_path, make, message):
     preflight.check_pretraining(_config(source="imagefolder", root=root), str(tmp_path / "w"))
 
 
-def test_bad_heldout_root_tfds_init_from_and_workdir(tmp_path):
+def test_bad_eval_root_tfds_init_from_and_workdir(tmp_path):
   root = write_images(tmp_path / "imgs")
   workdir = str(tmp_path / "w")
   check = preflight.check_pretraining
-  with pytest.raises(errors.ConfigError, match="config.data.heldout_root=.* does not"):
-    check(_config(source="imagefolder", root=root, heldout_root=str(tmp_path / "no")), workdir)
+  with pytest.raises(errors.ConfigError, match="config.data.eval_root=.* does not"):
+    check(_config(source="imagefolder", root=root, eval_root=str(tmp_path / "no")), workdir)
   fixture = os.path.join(TESTS, "fixtures", "tfds")
   with pytest.raises(errors.ConfigError, match="'imagenet2012': not prepared in"):
     check(_config(source="tfds", tfds_name="imagenet2012", tfds_data_dir=fixture), workdir)
@@ -149,7 +149,7 @@ def test_heldout_subset_is_small_disjoint_and_stable(tmp_path, caplog):
 
 # ---- Part 2: clean exits ----
 
-def test_normal_end_on_an_imagefolder_without_heldout_root(tmp_path):
+def test_normal_end_on_an_imagefolder_without_eval_root(tmp_path):
   root = write_images(tmp_path / "imgs")
   workdir = tmp_path / "w"
   out = run(command(tmp_path, workdir, "--config.num_train_steps=2",
@@ -220,10 +220,10 @@ def test_checkpoint_write_failure_stops_naming_the_step_and_the_run_resumes(tmp_
 
 def test_evaluation_checkpoint_without_a_finished_checkpoint_is_one_line(tmp_path):
   out = subprocess.run([sys.executable, "-m", "cim_jax.evaluate.knn",
-                        "--config=configs/cim_vit_tiny.py", f"--config.checkpoint={tmp_path}"],
+                        "--config=configs/cim_eval.py:Ti/16", f"--config.init_from={tmp_path}"],
                        cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 2, out.stderr[-3000:]
-  assert out.stderr.strip() == (f"error: config.checkpoint='{tmp_path}': no finished checkpoint "
+  assert out.stderr.strip() == (f"error: config.init_from='{tmp_path}': no finished checkpoint "
                                 f"in {tmp_path} (expected the work dir of a run, holding "
                                 "checkpoints/<step>/, or a weights file)")

@@ -2,7 +2,7 @@
 
 - the grain pipeline with 1 worker process gives the batches of 0 workers and resumes exactly;
 - a fine-tuning run stopped after 2 steps and resumed for 2 more equals 4 straight steps;
-- kNN features with pool="mean" are the mean of the patch tokens, and knn_accuracy uses them.
+- kNN features with pool="gap" are the mean of the patch tokens, and knn_accuracy uses them.
 (`interop export --workdir` of a tiny run is in test_learning.py, which shares its run.)
 """
 
@@ -14,11 +14,10 @@ from cim_jax.models import vit
 from cim_jax.train import metrics as metrics_lib
 from cim_jax.train import finetuning
 from cim_jax.data import labelled
-from cim_jax import config_defaults
 from cim_jax.data import pipeline
 from cim_jax.evaluate import knn
 from cim_jax.models import cim
-from train_fixtures import committed, read_checkpoint
+from train_fixtures import committed, read_checkpoint, recipe
 from train_fixtures import tiny_config as tiny_pretrain_config
 from test_finetune import tiny_config as tiny_finetune_config
 from test_finetune import logged, tiny_labelled_subset
@@ -39,7 +38,7 @@ def _take(iterator, n):
 
 
 def test_one_grain_worker_gives_identical_batches_and_resumes():
-  config = config_defaults.pretrain_config("tiny")
+  config = recipe()
   config.batch_size = 3
   config.data.update(context_size=32, exemplar_size=16, search_size=48, num_images=8)
   plain = _take(pipeline.make_iterator(config, process_index=0, process_count=1), 4)
@@ -101,7 +100,7 @@ def test_finetune_resume_is_exact(tmp_path, monkeypatch, tiny_classifier):
     np.testing.assert_array_equal(x, y)
 
 
-def test_knn_mean_pool_is_the_mean_of_patch_tokens(monkeypatch):
+def test_knn_gap_pool_is_the_mean_of_patch_tokens(monkeypatch):
   config = tiny_pretrain_config()
   encoder = vit.encoder_from_config(config.model)
   params = vit.init_encoder_params(encoder, 32, seed=0)
@@ -109,26 +108,31 @@ def test_knn_mean_pool_is_the_mean_of_patch_tokens(monkeypatch):
   tokens, _ = encoder.apply({"params": params}, cim.normalize_images(images), train=False)
   tokens = np.asarray(tokens)
   assert tokens.shape[1] == 1 + 4
-  mean = np.asarray(knn.encoder_feature_fn(encoder, params, pool="mean")(images))
+  mean = np.asarray(knn.encoder_feature_fn(encoder, params, pool="gap")(images))
   np.testing.assert_allclose(mean, tokens[:, 1:].mean(axis=1), rtol=1e-5, atol=1e-6)
-  cls = np.asarray(knn.encoder_feature_fn(encoder, params, pool="cls")(images))
+  cls = np.asarray(knn.encoder_feature_fn(encoder, params, pool="tok")(images))
   np.testing.assert_allclose(cls, tokens[:, 0], rtol=1e-5, atol=1e-6)
   assert np.abs(mean - cls).max() > 1e-2
-  # knn_accuracy extracts its features with the pool it is given (and eval_kwargs passes
-  # config.eval.feature_pool).
+  # knn_accuracy extracts its features with the pool it is given, and the kNN tool gives it
+  # config.eval.feature_pool.
   seen = []
   real = knn.encoder_feature_fn
 
   def spy(encoder, encoder_params, **kwargs):
-    seen.append(kwargs.get("pool", "cls"))
+    seen.append(kwargs.get("pool", "tok"))
     return real(encoder, encoder_params, **kwargs)
 
   monkeypatch.setattr(knn, "encoder_feature_fn", spy)
   labels = np.array([0, 1, 0, 1, 0], np.int32)
   data = labelled.Labelled(images, labels, 2)
-  config.eval.feature_pool = "mean"
-  kwargs = dict(knn.eval_kwargs(config), image_size=32, batch_size=8)
-  assert kwargs["pool"] == "mean"
-  result = knn.knn_accuracy(params, config.model, data, data, ks=(1,), **kwargs)
-  assert seen == ["mean"]
+  result = knn.knn_accuracy(params, config.model, data, data, ks=(1,), pool="gap",
+                            image_size=32, batch_size=8)
+  assert seen == ["gap"]
   assert 0.0 <= result["k1/top1"] <= 100.0
+  tool_config = recipe("cim_eval.py:Ti/16")
+  tool_config.eval.feature_pool = "gap"
+  monkeypatch.setattr(knn.labelled, "splits", lambda d: (data, data))
+  monkeypatch.setattr(knn, "knn_accuracy",
+                      lambda *args, **kwargs: seen.append(kwargs["pool"]) or {})
+  knn.main(tool_config)
+  assert seen == ["gap", "gap"]

@@ -14,19 +14,19 @@ import pytest
 from flax import traverse_util
 
 from cim_jax.data import labelled
-from cim_jax import config_defaults
 from cim_jax.data import sources
 from cim_jax.data import augment
 from cim_jax.train import finetuning
 from cim_jax.train import optimizer as optimizer_lib
 from cim_jax.train import schedules
 from train_fixtures import REPO, key_bias_mask, subprocess_env
+from train_fixtures import recipe
 
 DEPTH = 2  # of the classifier the tiny_classifier fixture builds (conftest.py)
 
 
 def tiny_config(steps: int = 40):
-  config = config_defaults.finetune_config("tiny")
+  config = recipe("cim_finetune.py:Ti/16")
   config.batch_size = 16
   config.num_train_steps = steps
   config.data.image_size = 16

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cim_jax import config_defaults
 from cim_jax.models import cim, heads
+from train_fixtures import recipe
 
 
 def _hand_info_nce(q, k, temperature):
@@ -49,7 +49,7 @@ def test_group_batch_norm_uses_per_group_statistics():
 
 
 def _model(weight=0.5):
-  config = config_defaults.pretrain_config("tiny")
+  config = recipe()
   config.model.update(decoder_dim=32, decoder_heads=4, projector_hidden_dim=16, projector_dim=8,
                       global_loss_weight=weight)
   config.data.update(context_size=32, exemplar_size=32, num_exemplars=2)

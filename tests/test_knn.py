@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from cim_jax.train import warm_start
 from cim_jax.models import vit
 from cim_jax.data import labelled
 from cim_jax.evaluate import knn
+from train_fixtures import recipe
 
 
 def brute_force_knn_scores(train_feats, train_labels, test_feats, k, temperature, num_classes):
@@ -125,8 +127,7 @@ def test_extract_features_sharded_over_two_devices():
 
 
 def _tiny_vit_setup():
-  from cim_jax import config_defaults
-  model_cfg = config_defaults.model_config("Ti/16")
+  model_cfg = recipe().model
   train, test = digits_raw_pixels([0, 1, 6, 7])
   train = train.subset(np.arange(0, len(train.labels), 4))  # ~120 images keep the test fast
   size = 32
@@ -145,13 +146,47 @@ def test_knn_accuracy_of_random_and_given_encoder():
   params = vit.init_encoder_params(encoder, size, seed=3)
   assert knn.knn_accuracy(params, model_cfg, train, test, **kwargs) == random_result
   other = vit.init_encoder_params(encoder, size, seed=4)
-  mean_pool = knn.knn_accuracy(other, model_cfg, train, test, pool="mean", **kwargs)
+  mean_pool = knn.knn_accuracy(other, model_cfg, train, test, pool="gap", **kwargs)
   assert 0.0 <= mean_pool["k10/top1"] <= 100.0
 
 
 def test_checkpoint_of_another_variant_is_named():
-  from cim_jax import config_defaults
-  small = vit.encoder_from_config(config_defaults.model_config("S/16"), depth=2)
+  small = vit.encoder_from_config(recipe("cim_pretrain.py:S/16").model, depth=2)
   params = vit.init_encoder_params(small, 32, seed=0)
   with pytest.raises(ValueError, match=r"depth 2, width 384.*'Ti/16' needs depth 12, width 192"):
-    warm_start.check_encoder_params(params, config_defaults.model_config("Ti/16"), "run_dir")
+    warm_start.check_encoder_params(params, recipe().model, "run_dir")
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_each_process_extracts_its_share_and_the_gather_equals_one_process(monkeypatch,
+                                                                           streamed):
+  """3 (fake) processes: each extracts ceil(10 / 3) = 4 records' features; gathered, they are
+  the rows one process alone computes, on every process."""
+  images = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 3), np.uint8)
+  data = labelled.Labelled(images, np.arange(10, dtype=np.int32) % 3, 3)
+  data = labelled.LabelledRecords(data, 3) if streamed else data
+  flat = lambda x: x.reshape(x.shape[0], -1).astype(jnp.float32)
+  kwargs = dict(image_size=8, batch_size=3, crop_pct=1.0, read_threads=1)
+  whole_feats, whole_labels = knn.labelled_features(flat, data, **kwargs)
+
+  def as_process(index, gather):
+    monkeypatch.setattr(jax, "process_index", lambda: index)
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    monkeypatch.setattr(knn.multihost_utils, "process_allgather", gather)
+    return knn.labelled_features(flat, data, **kwargs)
+
+  shares = {p: [] for p in range(3)}  # what each process hands to the gather: feats, labels
+  for p in range(3):
+    as_process(p, lambda x, p=p: shares[p].append(np.asarray(x)) or np.stack([x] * 3))
+    assert [len(x) for x in shares[p]] == [4, 4]
+  for p in range(3):
+    calls = iter(range(2))
+
+    def gather(x, p=p):
+      call = next(calls)
+      np.testing.assert_array_equal(x, shares[p][call])
+      return np.stack([shares[q][call] for q in range(3)])
+
+    feats, labels = as_process(p, gather)
+    np.testing.assert_array_equal(labels, whole_labels)
+    np.testing.assert_allclose(feats, whole_feats, rtol=1e-6)

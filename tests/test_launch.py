@@ -57,7 +57,7 @@ def pretrain_args(words: list[str]) -> list[str]:
 
 TPU_ARGS = ["--name=cim-b16", "--zone=us-central2-b", "--accelerator-type=v4-32",
             "--workdir=gs://bkt/runs/b16", "--data-dir=gs://bkt/tensorflow_datasets", "--spot",
-            "--config=configs/cim_vit_base.py", "--config.batch_size=1024", TRICKY_OVERRIDE]
+            "--config=configs/cim_pretrain.py:B/16", "--config.batch_size=1024", TRICKY_OVERRIDE]
 
 
 def test_tpu_dry_run_for_a_four_worker_v4_slice():
@@ -87,7 +87,7 @@ def test_tpu_dry_run_for_a_four_worker_v4_slice():
   # The training step: the same entry point, GCS work dir and TFDS data dir, overrides intact
   # (through two rounds of shell parsing: the local line and ssh's remote shell) and last.
   args = pretrain_args(train)
-  assert args[:2] == ["--config=configs/cim_vit_base.py", "--workdir=gs://bkt/runs/b16"]
+  assert args[:2] == ["--config=configs/cim_pretrain.py:B/16", "--workdir=gs://bkt/runs/b16"]
   assert "--config.data.source=tfds" in args
   assert "--config.data.tfds_data_dir=gs://bkt/tensorflow_datasets" in args
   assert args[-2:] == ["--config.batch_size=1024", TRICKY_OVERRIDE]
@@ -200,13 +200,13 @@ def detected_by_jax(monkeypatch, env: dict, local_device_ids):
 
 
 def test_sbatch_two_nodes_one_process_per_node(tmp_path, monkeypatch):
-  result = run_sbatch(tmp_path, slurm_env("1(x2)"), "--config=configs/cim_vit_base.py",
+  result = run_sbatch(tmp_path, slurm_env("1(x2)"), "--config=configs/cim_pretrain.py:B/16",
                       "--workdir=/shared/runs/b16", TRICKY_OVERRIDE)
   assert result.returncode == 0, result.stderr
   [srun] = printed_commands(result.stdout)
   assert srun[:4] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
   assert srun[4].endswith("python") and srun[5:7] == ["-m", "cim_jax.pretrain"]
-  assert srun[7:] == ["--config=configs/cim_vit_base.py", "--workdir=/shared/runs/b16",
+  assert srun[7:] == ["--config=configs/cim_pretrain.py:B/16", "--workdir=/shared/runs/b16",
                       TRICKY_OVERRIDE]
   assert "# export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in result.stdout
   coordinator = re.search(r"coordinator (\S+)", result.stdout).group(1)

@@ -36,7 +36,7 @@ def _config():
   config.eval.pretext_iou = True
   config.eval.num_heldout_pairs = 16
   config.eval.knn = True  # spied on (the real kNN is tested in test_knn.py)
-  config.eval.image_size = 16
+  config.eval.data.image_size = 16
   return config
 
 

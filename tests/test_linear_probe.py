@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from cim_jax.evaluate import linear_probe
+from train_fixtures import recipe
 from tests.test_knn import digits_raw_pixels
 
 
@@ -44,8 +45,7 @@ def test_probe_rejects_labels_outside_head():
 
 
 def test_probe_of_an_encoder_runs_and_is_seeded():
-  from cim_jax import config_defaults
-  model_cfg = config_defaults.model_config("Ti/16")
+  model_cfg = recipe().model
   train, test = digits_raw_pixels([0, 1])
   kwargs = dict(recipe=linear_probe.ProbeRecipe(epochs=3, warmup_epochs=1, batch_size=64),
                 image_size=16, encoder_overrides=dict(depth=1), seed=1)

@@ -58,11 +58,11 @@ def check_consistent(report: dict) -> None:
 
 
 def test_batch_fsdp_and_presets_move_the_right_parts():
-  tiny = ["--config=configs/cim_vit_tiny.py", MU]
+  tiny = ["--config=configs/cim_pretrain.py:Ti/16", MU]
   b8, b16, large = measure_many([
       tiny + ["--config.batch_size=8"],
       tiny + ["--config.batch_size=16"],
-      ["--config=configs/cim_vit_large.py", MU, "--config.batch_size=8"] + SMALL_PAIRS,
+      ["--config=configs/cim_pretrain.py:L/16", MU, "--config.batch_size=8"] + SMALL_PAIRS,
   ])
   for report in (b8, b16, large):
     check_consistent(report)
@@ -87,8 +87,8 @@ def test_batch_fsdp_and_presets_move_the_right_parts():
 
 
 def test_command_line_prints_a_table_and_rejects_bad_flags():
-  cmd = [sys.executable, "-m", "cim_jax.tools.memory", "--config=configs/cim_vit_tiny.py", MU,
-         "--config.batch_size=8", "--devices=2"] + SMALL_PAIRS
+  cmd = [sys.executable, "-m", "cim_jax.tools.memory", "--config=configs/cim_pretrain.py:Ti/16",
+         MU, "--config.batch_size=8", "--devices=2"] + SMALL_PAIRS
   result = subprocess.run(cmd, cwd=REPO, env=env(1), capture_output=True, text=True,
                           timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -107,16 +107,16 @@ def test_command_line_prints_a_table_and_rejects_bad_flags():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset, extra", [
-    ("tiny", []), ("small", []), ("base", []),
-    ("large", ["--config.mesh.fsdp=8"]), ("huge", ["--config.mesh.fsdp=8"]),
+@pytest.mark.parametrize("variant, extra", [
+    ("Ti/16", []), ("S/16", []), ("B/16", []),
+    ("L/16", ["--config.mesh.fsdp=8"]), ("H/14", ["--config.mesh.fsdp=8"]),
 ])
-def test_full_size_presets_on_eight_devices(preset, extra):
+def test_full_size_presets_on_eight_devices(variant, extra):
   """T/S/B (data parallel) and L/H (fsdp=8, remat) at their real depth and pair sizes."""
-  [report] = measure_many([[f"--config=configs/cim_vit_{preset}.py", "--config.batch_size=8"]
-                           + extra], timeout=1800)
+  [report] = measure_many([[f"--config=configs/cim_pretrain.py:{variant}",
+                            "--config.batch_size=8"] + extra], timeout=1800)
   check_consistent(report)
-  encoder = {"tiny": 5.7e6, "small": 22e6, "base": 86e6, "large": 304e6, "huge": 632e6}[preset]
+  encoder = {"Ti/16": 5.7e6, "S/16": 22e6, "B/16": 86e6, "L/16": 304e6, "H/14": 632e6}[variant]
   assert encoder < report["num_params"] < encoder + 10e6  # + the one-block correlation decoder
   shards = report["mesh"]["fsdp"]
   whole = 4 * report["num_params"]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import skimage.data
 
-from cim_jax import config_defaults
 from cim_jax.geometry import masks_from_corners
 from cim_jax.data import pairs, photometric, sources
+from train_fixtures import recipe
 
 SPEC = pairs.PairSpec()
 GEOMETRY_ONLY = SPEC.without_photometric()
@@ -508,7 +508,7 @@ def test_bad_images_are_rejected_clearly(image):
 
 
 def test_spec_from_config_and_validation():
-  data = config_defaults.data_config()
+  data = recipe().data
   assert pairs.PairSpec.from_config(data) == SPEC
   data.exemplar_rotation = 30.0
   data.exemplar_scale = [0.1, 0.2]  # lists (e.g. from the command line) become tuples

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cim_jax import config_defaults
 from cim_jax import geometry
 from cim_jax.data import pipeline
 from cim_jax.data import sources
+from train_fixtures import recipe
 
 FIXTURE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tfds")
 
 
 def _config(batch_size=4, **data):
-  config = config_defaults.pretrain_config("tiny")
+  config = recipe()
   config.batch_size = batch_size
   config.data.update(data)
   return config

@@ -23,7 +23,7 @@ def _pretrain(cwd, workdir, *overrides):
        f"--workdir={workdir}", "--config.batch_size=4", "--config.num_train_steps=3",
        "--config.optim.warmup_steps=1", "--config.log_every_steps=1",
        "--config.checkpoint_every_steps=2", "--config.progress_bar=false",
-       "--config.eval.num_heldout_pairs=4", "--config.eval.image_size=32", *overrides],
+       "--config.eval.num_heldout_pairs=4", "--config.eval.data.image_size=32", *overrides],
       cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 

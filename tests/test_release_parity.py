@@ -33,14 +33,14 @@ timm = pytest.importorskip("timm")
 import timm.loss  # noqa: E402  pylint: disable=wrong-import-position
 
 import torch_reference as ref  # noqa: E402  pylint: disable=wrong-import-position
-from cim_jax import config_defaults, interop, sharding  # noqa: E402
+from cim_jax import interop, sharding  # noqa: E402
 from cim_jax.geometry import masks_from_corners  # noqa: E402
 from cim_jax.train import finetuning  # noqa: E402
 from cim_jax.models import cim  # noqa: E402
 from cim_jax.train import schedules  # noqa: E402
 from cim_jax.train import state as state_lib  # noqa: E402
 from cim_jax.train import step as step_lib  # noqa: E402
-from train_fixtures import key_bias_mask  # noqa: E402
+from train_fixtures import key_bias_mask, recipe  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
@@ -280,7 +280,7 @@ FT_CLASSES, FT_BATCH, FT_IMAGE, FT_STEPS, FT_TOTAL, FT_WARMUP = 5, 4, 32, 4, 6, 
 
 
 def _finetune_config():
-  config = config_defaults.finetune_config("tiny")  # the release's recipe, then tiny sizes
+  config = recipe("cim_finetune.py:Ti/16")  # the release's recipe, then tiny sizes
   config.model.variant = "Mu/16"  # 64 wide, 2 blocks, 2 heads
   config.model.drop_path_rate = 0.0  # deterministic
   config.batch_size = FT_BATCH

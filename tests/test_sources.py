@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cim_jax import config_defaults
 from cim_jax.data import decode
 from cim_jax.data import sources
+from train_fixtures import recipe
 
 FIXTURE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tfds")
 
@@ -22,7 +22,7 @@ def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
 
 
 def _data(**overrides) -> ml_collections.ConfigDict:
-  data = config_defaults.data_config()
+  data = recipe().data
   data.update(overrides)
   return data
 
@@ -107,9 +107,9 @@ def test_make_source_dispatches_and_checks(tmp_path):
   assert isinstance(sources.make_source(_data(), "train"), sources.EmbeddedSource)
   assert sources.make_source(_data(), "heldout").split == "heldout"
   folder = sources.make_source(_data(source="imagefolder", root=str(tmp_path / "train"),
-                                     heldout_root=str(tmp_path / "train")))
+                                     eval_root=str(tmp_path / "train")))
   assert len(folder) == 1
-  with pytest.raises(ValueError, match="config.data.heldout_root"):
+  with pytest.raises(ValueError, match="config.data.eval_root"):
     sources.make_source(_data(source="imagefolder", root=str(tmp_path)), "heldout")
   with pytest.raises(ValueError, match="'webdataset'"):
     sources.make_source(_data(source="webdataset"))

@@ -8,6 +8,7 @@ from PIL import Image
 
 from cim_jax.evaluate import pretext
 from cim_jax.evaluate import visualize
+from train_fixtures import recipe
 
 
 def test_pretext_iou_hand_computed():
@@ -104,12 +105,11 @@ def test_plot_training_curves_bad_log(tmp_path):
 
 def test_evaluate_pretext_matches_model_logits(tmp_path):
   import jax
-  from cim_jax import config_defaults
   from cim_jax import geometry
   from cim_jax.models import cim
-  model_cfg = config_defaults.model_config("Ti/16")
+  model_cfg = recipe().model
   model_cfg.decoder_dim, model_cfg.decoder_heads = 64, 4
-  data_cfg = config_defaults.data_config()
+  data_cfg = recipe().data
   data_cfg.context_size, data_cfg.exemplar_size, data_cfg.num_exemplars = 32, 16, 2
   model = cim.build_model(model_cfg, data_cfg)
   model.encoder = model.encoder.clone(depth=1)  # a one-block encoder keeps the test fast

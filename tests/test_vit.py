@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 from scipy import special
 
-from cim_jax import config_defaults
 from cim_jax import interop
 from cim_jax.models import cim
 from cim_jax.models import vit
-from train_fixtures import randomize
+from train_fixtures import randomize, recipe
 
 # torch / timm are optional: only the parity tests that run them skip without them
 # (pytest.importorskip inside each), everything else here runs on JAX alone.
@@ -158,7 +157,7 @@ def test_block_outputs_and_attention_choice():
   assert len(intermediates["blocks"]) == 2
   ln = lambda x: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
   np.testing.assert_allclose(out, ln(np.asarray(intermediates["blocks"][-1])), atol=1e-4)
-  config = config_defaults.model_config("Ti/16")
+  config = recipe().model
   config.attention_impl = "xla"
   xla = vit.encoder_from_config(config, width=32, depth=2, num_heads=2)
   assert xla.attention_impl == "xla"
@@ -192,12 +191,12 @@ def test_even_length_attention_equals_unpadded_with_gradients(queries, keys):
 
 
 def test_gelu_form_is_exact_by_default_and_tanh_on_request():
-  """model.gelu_approximate reaches every MLP (encoder and decoder); the default is timm's erf."""
-  model_config = config_defaults.model_config("Ti/16")
-  data_config = config_defaults.data_config()
+  """model.approximate_gelu reaches every MLP (encoder and decoder); the default is timm's erf."""
+  model_config = recipe().model
+  data_config = recipe().data
   data_config.context_size, data_config.exemplar_size, data_config.num_exemplars = 32, 16, 2
   exact = cim.build_model(model_config, data_config, width=32, depth=1, num_heads=2)
-  model_config.gelu_approximate = True
+  model_config.approximate_gelu = True
   tanh = cim.build_model(model_config, data_config, width=32, depth=1, num_heads=2)
   assert (exact.encoder.approximate_gelu, exact.decoder.approximate_gelu) == (False, False)
   assert (tanh.encoder.approximate_gelu, tanh.decoder.approximate_gelu) == (True, True)

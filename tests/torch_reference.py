@@ -10,8 +10,8 @@ import math
 import numpy as np
 import torch
 
-from cim_jax import config_defaults
 from cim_jax.models import cim
+from train_fixtures import recipe
 
 F = torch.nn.functional
 
@@ -21,7 +21,7 @@ DEC_DIM, DEC_HEADS, CONTEXT, EXEMPLAR, NUM = 32, 4, 64, 32, 2
 
 def tiny_config(global_loss=False):
   """A pre-training config with this module's sizes (encoder sizes go to `model`)."""
-  config = config_defaults.pretrain_config("tiny")
+  config = recipe()
   config.model.update(decoder_dim=DEC_DIM, decoder_heads=DEC_HEADS, projector_hidden_dim=16,
                       projector_dim=8, global_loss_weight=1.0 if global_loss else 0.0)
   config.data.update(context_size=CONTEXT, exemplar_size=EXEMPLAR, num_exemplars=NUM)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from cim_jax import cli
-from cim_jax import config_defaults
+from cim_jax import config_validation
 from cim_jax import sharding
 from cim_jax.evaluate import report as report_lib
 from cim_jax.train import checkpoint
@@ -27,9 +27,14 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 
 
+def recipe(spec: str = "cim_pretrain.py:Ti/16"):
+  """A config of configs/ (`FILE.py[:ARG]`), loaded as `--config=configs/FILE.py:ARG` loads it."""
+  return config_validation.load_config_file(os.path.join(REPO, "configs", spec))
+
+
 def tiny_config(**overrides):
   """A tiny model on small pairs: seconds per run on one CPU core."""
-  c = config_defaults.pretrain_config("tiny")
+  c = recipe()
   c.model.variant = "Mu/16"  # 2 blocks, 64 wide: compiles in seconds
   c.model.decoder_dim = 32
   c.model.decoder_heads = 2
@@ -47,6 +52,7 @@ def tiny_config(**overrides):
   c.keep_checkpoints = 5
   c.progress_bar = False
   c.mesh.fsdp = 1
+  c.eval.data.image_size = 64  # the end-of-run kNN (when a test turns it on)
   for key, value in overrides.items():
     set_key(c, key, value)
   return c

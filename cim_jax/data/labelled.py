@@ -102,16 +102,6 @@ def as_labelled(source: Any) -> Labelled:
   return Labelled(to_uint8_rgb(images), labels, num_classes, names)
 
 
-def labelled_splits(config) -> tuple[Labelled, Labelled]:
-  """The train / test halves of the config's embedded labelled set, at eval.image_size."""
-  name, size = config.eval.labelled_source, int(config.eval.image_size)
-  train = as_labelled(sources.embedded_labelled(name, "train", image_size=size))
-  test = as_labelled(sources.embedded_labelled(name, "test", image_size=size))
-  num_classes = max(train.num_classes, test.num_classes)
-  return (dataclasses.replace(train, num_classes=num_classes),
-          dataclasses.replace(test, num_classes=num_classes))
-
-
 # ----------------------------------------------------------------------------------------------
 # Streamed labelled sources (ImageFolder, TFDS, or arrays) for kNN, linear probe and fine-tuning.
 
@@ -181,23 +171,25 @@ def tfds_splits(name: str, train_split: str, eval_split: str, data_dir: str = ""
                for s in splits)
 
 
-def eval_splits(config) -> tuple[Any, Any]:
-  """The train / test labelled sets of `config.eval.labelled_source`.
+def splits(d, prefix: str = "config.data") -> tuple[Any, Any]:
+  """The train / eval sets of a labelled data group (`config_defaults.labelled_source`).
 
-  The small embedded sets ('digits', 'lfw') come as in-memory `Labelled` arrays; 'imagefolder'
-  and 'tfds' as streamed `LabelledRecords` (see `eval_batches`).
+  'digits' and 'lfw' come as in-memory `Labelled` arrays at `d.image_size`; 'imagefolder' and
+  'tfds' as streamed `LabelledRecords` (see `eval_batches`). `prefix` names the group in errors.
   """
-  e = config.eval
-  if e.labelled_source in EMBEDDED_LABELLED:
-    return labelled_splits(config)
-  if e.labelled_source == "imagefolder":
-    return imagefolder_splits(e.train_root, e.eval_root,
-                              ("config.eval.train_root", "config.eval.eval_root"))
-  if e.labelled_source == "tfds":
-    return tfds_splits(e.tfds_name, e.tfds_train_split, e.tfds_eval_split, e.tfds_data_dir,
-                       e.tfds_image_key, e.tfds_label_key)
-  raise ConfigError(f"config.eval.labelled_source={e.labelled_source!r} must be one of "
-                   f"{', '.join(LABELLED_SOURCES)}")
+  if d.source in EMBEDDED_LABELLED:
+    train, test = (as_labelled(sources.embedded_labelled(d.source, split,
+                                                         image_size=int(d.image_size)))
+                   for split in ("train", "test"))
+    num_classes = max(train.num_classes, test.num_classes)
+    return (dataclasses.replace(train, num_classes=num_classes),
+            dataclasses.replace(test, num_classes=num_classes))
+  if d.source == "imagefolder":
+    return imagefolder_splits(d.root, d.eval_root, (f"{prefix}.root", f"{prefix}.eval_root"))
+  if d.source == "tfds":
+    return tfds_splits(d.tfds_name, d.tfds_split, d.tfds_eval_split, d.tfds_data_dir,
+                       d.tfds_image_key, d.tfds_label_key)
+  raise ConfigError(f"{prefix}.source={d.source!r} must be one of {', '.join(LABELLED_SOURCES)}")
 
 
 class EvalCrop:

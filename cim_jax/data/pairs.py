@@ -134,7 +134,7 @@ class PairSpec:
 
   @classmethod
   def from_config(cls, data: Any) -> "PairSpec":
-    """Reads the pair keys of config.data (cim_jax/config_defaults.py data_config)."""
+    """Reads the pair keys of config.data (configs/cim_pretrain.py)."""
     return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
 
   def without_photometric(self) -> "PairSpec":

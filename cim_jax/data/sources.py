@@ -99,7 +99,7 @@ class EmbeddedSource:
     return f"EmbeddedSource(split={self.split!r}, {len(self)} images)"
 
 
-# Without config.data.heldout_root, pre-training holds out this share of its ImageFolder (at
+# Without config.data.eval_root, pre-training holds out this share of its ImageFolder (at
 # least 1 image, at most HELDOUT_MAX) for the pretext IoU and trains on the rest.
 HELDOUT_FRACTION = 0.02
 HELDOUT_MAX = 256
@@ -140,7 +140,7 @@ class ImageFolderSource:
     if subset != "all":
       if len(paths) < 2:
         raise ConfigError(f"{root!r} holds {len(paths)} image: too few to hold some out for "
-                          "the pretext IoU; set config.data.heldout_root")
+                          "the pretext IoU; set config.data.eval_root")
       held = set(sorted(paths, key=lambda p: _path_hash(root, p))[:heldout_count(len(paths))])
       paths = [p for p in paths if (p in held) == (subset == "heldout")]
     self.subset = subset
@@ -275,18 +275,18 @@ def make_source(data: ml_collections.ConfigDict, split: str = "train"):
     if not data.root:
       raise ConfigError("config.data.root must name an ImageFolder directory for "
                         "config.data.source='imagefolder'")
-    if data.heldout_root:
-      return ImageFolderSource(data.root if split == "train" else data.heldout_root)
+    if data.eval_root:
+      return ImageFolderSource(data.root if split == "train" else data.eval_root)
     # No separate held-out folder: a small, fixed subset of root is held out (see heldout_count).
     source = ImageFolderSource(data.root, subset=split)
     if split == "train":
       held = source.num_listed - len(source)
-      logging.info("config.data.heldout_root is not set: %d of the %d images under %s (chosen "
+      logging.info("config.data.eval_root is not set: %d of the %d images under %s (chosen "
                    "by a hash of their paths) are held out for the pretext IoU and not trained "
                    "on", held, source.num_listed, data.root)
     return source
   if data.source == "tfds":
-    tfds_split = data.tfds_split if split == "train" else data.tfds_heldout_split
+    tfds_split = data.tfds_split if split == "train" else data.tfds_eval_split
     return TfdsSource(data.tfds_name, tfds_split, data.tfds_data_dir)
   raise ConfigError(f"config.data.source={data.source!r} must be 'embedded', 'imagefolder' "
                    "or 'tfds'")

@@ -1,9 +1,9 @@
 """Weighted k-nearest-neighbour evaluation of frozen encoder features (the DINO protocol).
 
-python -m cim_jax.evaluate.knn --config=configs/cim_vit_tiny.py --config.checkpoint=WORKDIR_OR_PTH
-    [--config.eval.labelled_source=imagefolder --config.eval.train_root=DIR/train
-     --config.eval.eval_root=DIR/val | --config.eval.labelled_source=tfds
-     --config.eval.tfds_name=imagenet2012 --config.eval.tfds_data_dir=DIR]
+python -m cim_jax.evaluate.knn --config=configs/cim_eval.py:B/16 \
+    --config.init_from=WORKDIR_OR_PTH [--config.data.source=imagefolder --config.data.root=DIR/train
+    --config.data.eval_root=DIR/val | --config.data.source=tfds --config.data.tfds_name=imagenet2012
+    --config.data.tfds_data_dir=DIR]
 """
 
 import functools
@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cim_jax import cli
@@ -87,15 +88,21 @@ def labelled_features(apply_fn: Callable, data, *, image_size: int, batch_size: 
                       ) -> tuple[np.ndarray, np.ndarray]:
   """(features (n, D), labels (n,)) of a labelled set, through `extract_features`.
 
+  Each process extracts the features of its share of the records (`process_share`); the shares
+  are gathered, so every process returns all n rows, as one process alone would.
   `labelled.LabelledRecords` (ImageFolder, TFDS) are streamed: decoded and centre-cropped by
   `labelled.eval_batches`, never held whole. In-memory sets (`labelled.Labelled` or (images,
-  labels)) are resized to `image_size` as a whole (the small embedded sets).
+  labels)) are resized to `image_size` (the small embedded sets).
   """
   if not isinstance(data, labelled.LabelledRecords):
     data = labelled.as_labelled(data)
-    return (extract_features(apply_fn, labelled.resize_images(data.images, image_size),
-                             batch_size, normalize=normalize, progress=progress, desc=desc),
-            data.labels)
+  n, count = len(data), jax.process_count()
+  share = process_share(n, jax.process_index(), count)
+  if isinstance(data, labelled.Labelled):
+    mine = data.subset(share)
+    feats = extract_features(apply_fn, labelled.resize_images(mine.images, image_size),
+                             batch_size, normalize=normalize, progress=progress, desc=desc)
+    return gather_shares(feats, n, count), gather_shares(mine.labels, n, count)
   batch_size = sharded_batch_size(batch_size, sharding.local_data_mesh().shape["data"])
   labels = []
 
@@ -104,10 +111,38 @@ def labelled_features(apply_fn: Callable, data, *, image_size: int, batch_size: 
       labels.append(np.asarray(batch["label"], np.int32))
       yield batch["image"]
 
-  batches = labelled.eval_batches(data, image_size, batch_size, crop_pct, read_threads)
+  batches = labelled.eval_batches(_Share(data, share), image_size, batch_size, crop_pct,
+                                  read_threads)
   feats = extract_features(apply_fn, images_of(batches), batch_size, normalize=normalize,
-                           progress=progress, desc=desc, total=-(-len(data) // batch_size))
-  return feats, np.concatenate(labels)
+                           progress=progress, desc=desc, total=-(-len(share) // batch_size))
+  return gather_shares(feats, n, count), gather_shares(np.concatenate(labels), n, count)
+
+
+def process_share(n: int, index: int, count: int) -> np.ndarray:
+  """Indices of the records process `index` of `count` reads: blocks of ceil(n / count), the
+  last one topped up from the start, so every share has the one shape the gather needs."""
+  per = -(-n // count)
+  return np.arange(index * per, (index + 1) * per) % n
+
+
+def gather_shares(local: np.ndarray, n: int, count: int) -> np.ndarray:
+  """The `process_share` rows of every process, gathered in record order: the first n."""
+  if count > 1:
+    local = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, *local.shape[1:])
+  return local[:n]
+
+
+class _Share:
+  """The records at `indices` of `records`, as a sequence (one process's share)."""
+
+  def __init__(self, records, indices: np.ndarray):
+    self.records, self.indices = records, indices
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int):
+    return self.records[int(self.indices[index])]
 
 
 def num_classes_of(train, test, train_labels: np.ndarray, test_labels: np.ndarray) -> int:
@@ -116,18 +151,19 @@ def num_classes_of(train, test, train_labels: np.ndarray, test_labels: np.ndarra
   return declared or int(max(train_labels.max(), test_labels.max())) + 1
 
 
-def encoder_feature_fn(encoder, encoder_params, *, pool: str = "cls") -> Callable:
+def encoder_feature_fn(encoder, encoder_params, *, pool: str = "tok") -> Callable:
   """Builds `apply_fn(uint8 images) -> (b, D)` from a `VisionTransformer` with pool 'none'.
 
-  pool 'cls' takes the (final-normed) cls token, 'mean' the mean of the patch tokens.
+  pool 'tok' takes the (final-normed) cls token, 'gap' the mean of the patch tokens (the
+  VisionTransformer's names).
   """
-  if pool not in ("cls", "mean"):
-    raise ConfigError(f"feature pool must be 'cls' or 'mean', got {pool!r}")
+  if pool not in ("tok", "gap"):
+    raise ConfigError(f"feature pool must be 'tok' or 'gap', got {pool!r}")
 
   def apply_fn(images):
     tokens, _ = encoder.apply({"params": encoder_params}, cim.normalize_images(images),
                               train=False)
-    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(axis=1)
+    return tokens[:, 0] if pool == "tok" else tokens[:, 1:].mean(axis=1)
 
   return apply_fn
 
@@ -192,7 +228,7 @@ def knn_classify(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: 
 
 
 def knn_accuracy(encoder_params: Mapping[str, Any] | None, model_cfg, train, test, *,
-                 ks: Sequence[int] = (20,), temperature: float = 0.07, pool: str = "cls",
+                 ks: Sequence[int] = (20,), temperature: float = 0.07, pool: str = "tok",
                  image_size: int = 64, batch_size: int = 256, seed: int = 0,
                  progress: bool = False, crop_pct: float = 0.95, read_threads: int = 8,
                  encoder_overrides: Mapping[str, Any] | None = None) -> dict[str, float]:
@@ -227,30 +263,31 @@ def knn_sweep(train_feats, train_labels, test_feats, test_labels, *, ks: Sequenc
   return results
 
 
-def eval_kwargs(config) -> dict[str, Any]:
-  """Feature-extraction settings of `config.eval` shared by kNN and the linear probe."""
-  e = config.eval
-  return dict(pool=e.feature_pool, image_size=e.image_size, batch_size=e.batch_size,
-              seed=config.seed, crop_pct=e.crop_pct, read_threads=e.read_threads)
+def feature_kwargs(d) -> dict[str, Any]:
+  """How the sets of a labelled data group (`config_defaults.labelled_features`) are read."""
+  return dict(image_size=d.image_size, batch_size=d.batch_size, crop_pct=d.crop_pct,
+              read_threads=d.read_threads)
 
 
 def main(config):
   """Entry point: kNN of a checkpoint's encoder, and of a randomly initialised one for reference."""
-  train, test = labelled.eval_splits(config)
-  ks = tuple(sorted({int(config.eval.knn_k), *KNN_KS}))
-  kwargs = dict(eval_kwargs(config), ks=ks, temperature=config.eval.knn_temperature,
-                progress=config.progress_bar)
+  train, test = labelled.splits(config.data)
+  e = config.eval
+  ks = tuple(sorted({int(e.knn_k), *KNN_KS}))
+  kwargs = dict(feature_kwargs(config.data), ks=ks, temperature=e.knn_temperature,
+                pool=e.feature_pool, seed=config.seed, progress=config.progress_bar)
   results = {}
-  if config.checkpoint:
-    encoder_params = warm_start.load_encoder_params(config)
+  if config.init_from:
+    encoder_params = warm_start.load_encoder_params(config, config.init_from)
     results["checkpoint"] = knn_accuracy(encoder_params, config.model, train, test, **kwargs)
   results["random_init"] = knn_accuracy(None, config.model, train, test, **kwargs)
-  print(f"kNN on {config.eval.labelled_source}: {len(train)} train / {len(test)} test images, "
-        f"T={config.eval.knn_temperature}")
+  print(f"kNN on {config.data.source}: {len(train)} train / {len(test)} test images, "
+        f"T={e.knn_temperature}")
   for name, metrics in results.items():
     print(f"{name:12s}", " ".join(f"{key}={value:.2f}" for key, value in metrics.items()))
   return results
 
 
 if __name__ == "__main__":
-  cli.run_tool(main, prog="cim_jax.evaluate.knn")
+  cli.run_tool(main, prog="cim_jax.evaluate.knn", default_config="configs/cim_eval.py",
+               kind="evaluation")

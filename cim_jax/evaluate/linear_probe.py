@@ -1,8 +1,9 @@
 """Linear probe: a BatchNorm-free linear classifier on frozen encoder features.
 
-python -m cim_jax.evaluate.linear_probe --config=configs/cim_vit_tiny.py --config.checkpoint=DIR
+python -m cim_jax.evaluate.linear_probe --config=configs/cim_eval.py:B/16 \
+    --config.init_from=WORKDIR_OR_PTH [--config.data.source=imagefolder|tfds ...]
 
-Features are extracted once (cls token by default), standardised with the training set's mean
+Features are extracted once (the cls token by default), standardised with the training set's mean
 and std (a fixed affine map, so the result does not depend on batch statistics), then a linear
 layer is trained with SGD + momentum (default), LARS (MAE's large-batch recipe) or AdamW, with
 linear warm-up + cosine.
@@ -118,7 +119,7 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, *, num_clas
 
 
 def linear_probe_accuracy(encoder_params: Mapping[str, Any] | None, model_cfg, train, test, *,
-                          recipe: ProbeRecipe = ProbeRecipe(), pool: str = "cls",
+                          recipe: ProbeRecipe = ProbeRecipe(), pool: str = "tok",
                           image_size: int = 64, batch_size: int = 256, seed: int = 0,
                           crop_pct: float = 0.95, read_threads: int = 8,
                           progress: bool = False,
@@ -154,13 +155,14 @@ def recipe_from_config(config) -> ProbeRecipe:
 
 def main(config):
   """Entry point: linear probe of a checkpoint's encoder and of a random one."""
-  train, test = labelled.eval_splits(config)
-  kwargs = dict(knn.eval_kwargs(config), recipe=recipe_from_config(config),
-                progress=config.progress_bar)
+  train, test = labelled.splits(config.data)
+  kwargs = dict(knn.feature_kwargs(config.data), recipe=recipe_from_config(config),
+                pool=config.eval.feature_pool, seed=config.seed, progress=config.progress_bar)
   results = {}
-  if config.checkpoint:
-    results["checkpoint"] = linear_probe_accuracy(warm_start.load_encoder_params(config),
-                                                  config.model, train, test, **kwargs)
+  if config.init_from:
+    results["checkpoint"] = linear_probe_accuracy(
+        warm_start.load_encoder_params(config, config.init_from), config.model, train, test,
+        **kwargs)
   results["random_init"] = linear_probe_accuracy(None, config.model, train, test, **kwargs)
   for name, metrics in results.items():
     print(f"{name:12s}", " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
@@ -168,4 +170,5 @@ def main(config):
 
 
 if __name__ == "__main__":
-  cli.run_tool(main, prog="cim_jax.evaluate.linear_probe")
+  cli.run_tool(main, prog="cim_jax.evaluate.linear_probe", default_config="configs/cim_eval.py",
+               kind="evaluation")

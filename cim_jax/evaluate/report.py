@@ -65,9 +65,9 @@ def run(config, workdir: str, *, params=None, target_params=None, model_state=No
           os.fspath(metrics_log), os.fspath(out / "training_curves.png"))
 
   if config.eval.knn:
-    train, test = labelled.eval_splits(config)
-    kwargs = dict(knn.eval_kwargs(config), ks=(int(config.eval.knn_k),),
-                  temperature=config.eval.knn_temperature)
+    train, test = labelled.splits(config.eval.data, "config.eval.data")
+    kwargs = dict(knn.feature_kwargs(config.eval.data), ks=(int(config.eval.knn_k),),
+                  temperature=config.eval.knn_temperature, seed=config.seed)
     encoder_params = jax.device_get(params["encoder"])
     for name, encoder in (("pretrained", encoder_params), ("random_init", None)):
       for key, value in knn.knn_accuracy(encoder, config.model, train, test, **kwargs).items():
@@ -92,7 +92,7 @@ def format_report(report: dict[str, Any], config) -> str:
   if knn_keys:
     lines.append(f"{'':42}{'random':>10}{'pretrained':>12}")
     for key in knn_keys:
-      label = f"kNN {config.eval.labelled_source} {key} (%)"
+      label = f"kNN {config.eval.data.source} {key} (%)"
       lines.append(f"{label:42}{report[f'knn/random_init/{key}']:10.2f}"
                    f"{report[f'knn/pretrained/{key}']:12.2f}")
   lines += [f"{k.split('/', 1)[1]}: {v}" for k, v in report.items() if k.startswith("png/")]

@@ -1,7 +1,9 @@
 """Correlation-map pictures, pretext IoU and training curves, drawn with numpy + PIL only.
 
-python -m cim_jax.evaluate.visualize --config=configs/demo.py --config.checkpoint=WORKDIR
+python -m cim_jax.evaluate.visualize --config=configs/demo.py --config.init_from=WORKDIR
     [--output_dir=DIR] [--metrics=WORKDIR/metrics.jsonl]
+
+The config is the run's pre-training config: the held-out pairs are drawn by its recipe.
 """
 
 import io
@@ -256,27 +258,28 @@ def evaluate_pretext(model, params, target_params, model_state, pairs: dict[str,
   Returns {'pretext_iou': float, 'png': path or None}.
   """
   logits = pretext.predict_correlation(model, params, target_params, model_state, pairs,
-                               batch_size=batch_size)
+                                       batch_size=batch_size)
   masks = pretext.true_masks(pairs["corners"], logits.shape[2])
   iou = pretext.pretext_iou(logits, masks)
   if png:
-    caption = f"{title + ' - ' if title else ''}mean pretext IoU {iou:.3f} over {masks.shape[0]} pairs"
+    caption = (f"{title + ' - ' if title else ''}mean pretext IoU {iou:.3f} over "
+               f"{masks.shape[0]} pairs")
     save_correlation_png(png, pairs["context"], pairs["exemplars"], masks,
-                                   pretext.correlation_probs(logits), max_samples=max_samples,
-                                   title=caption)
+                         pretext.correlation_probs(logits), max_samples=max_samples, title=caption)
   return {"pretext_iou": iou, "png": png}
 
 
 def main(config, output_dir: str = "", metrics: str = ""):
   """Entry point: held-out pretext IoU + correlation PNG of a checkpoint (and of random init)."""
-  output_dir = output_dir or config.eval.output_dir or (
-      config.checkpoint if config.checkpoint and epath.Path(config.checkpoint).is_dir() else ".")
+  checkpoint = config.init_from
+  output_dir = output_dir or (
+      checkpoint if checkpoint and epath.Path(checkpoint).is_dir() else ".")
   out = epath.Path(output_dir)
   model = cim.build_model(config.model, config.data)
   pairs = pipeline.heldout_pairs(config)
   runs = {"random_init": pretext.random_init_params(model, config.seed)}
-  if config.checkpoint:
-    loaded = warm_start.load_checkpoint(config, model=model)
+  if checkpoint:
+    loaded = warm_start.load_checkpoint(config, checkpoint, model=model)
     runs["checkpoint"] = (loaded["params"], loaded["target_params"], runs["random_init"][2])
   for name, (params, target_params, model_state) in runs.items():
     result = evaluate_pretext(model, params, target_params, model_state, pairs,
@@ -288,5 +291,5 @@ def main(config, output_dir: str = "", metrics: str = ""):
 
 
 if __name__ == "__main__":
-  cli.run_tool(main, prog="cim_jax.evaluate.visualize",
-             flags={"output_dir": "", "metrics": ""})
+  cli.run_tool(main, prog="cim_jax.evaluate.visualize", default_config="configs/demo.py",
+               flags={"output_dir": "", "metrics": ""}, kind="pretraining")

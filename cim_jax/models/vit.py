@@ -396,7 +396,7 @@ def encoder_from_config(model_config, *, pool: str = "none", num_classes: int = 
                 dtype=compute_dtype(model_config.dtype), remat=bool(model_config.remat),
                 pool=pool, num_classes=num_classes,
                 attention_impl=attention_impl(model_config),
-                approximate_gelu=bool(model_config.get("gelu_approximate", False)))
+                approximate_gelu=bool(model_config.get("approximate_gelu", False)))
   fields.update(overrides)
   return VisionTransformer(**fields)
 

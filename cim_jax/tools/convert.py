@@ -10,20 +10,25 @@ r"""Import the authors' PyTorch CIM checkpoints; export encoders as timm state d
 
 import argparse
 import logging
+import os
 import pickle
 from typing import Optional
 
 import jax
 
-from cim_jax import config_defaults
+from cim_jax import config_validation
 from cim_jax import interop
 from cim_jax.models import cim
 from cim_jax.models import vit
 from cim_jax.train import warm_start
 
 
+# The released model's architecture (decoder, heads) is that of the pre-training recipe.
+RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cim_pretrain.py")
+
+
 def _build_model(variant: str, global_loss: bool, context_size: int, exemplar_size: int):
-  config = config_defaults.pretrain_config("base")
+  config = config_validation.load_config_file(RECIPE)
   config.model.variant = variant
   config.model.global_loss_weight = 1.0 if global_loss else 0.0
   config.data.context_size = context_size

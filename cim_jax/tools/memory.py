@@ -1,6 +1,6 @@
 """Per-device memory of one CIM train step for a config and mesh, without running a step.
 
-python -m cim_jax.tools.memory --config=configs/cim_vit_base.py [--config.key=value ...]
+python -m cim_jax.tools.memory --config=configs/cim_pretrain.py:B/16 [--config.key=value ...]
     [--devices=N] [--json=true]
 
 The trainer's own step is compiled for abstract inputs (shapes and shardings only), and XLA's
@@ -114,8 +114,8 @@ def format_report(report: MemoryReport, config: ml_collections.ConfigDict, backe
 
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
-  config, flags = cli.parse_or_exit(argv, default_config="configs/cim_vit_base.py", flags=FLAGS,
-                                    validate=False, prog="cim_jax.tools.memory")
+  config, flags = cli.parse_or_exit(argv, default_config="configs/cim_pretrain.py:B/16",
+                                    flags=FLAGS, validate=False, prog="cim_jax.tools.memory")
   try:
     devices = int(flags["devices"])
   except ValueError:
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     if jax.default_backend() != "cpu":
       cli.exit_on_config_error(_fail, "--devices only applies to CPU; on an accelerator the "
                                "mesh is the devices present")
-  cli.exit_on_config_error(config_validation.validate, config)
+  cli.exit_on_config_error(config_validation.validate, config, kind="pretraining")
   report = measure(config)
   if flags["json"] == "true":
     print(json.dumps(dict(dataclasses.asdict(report), total=report.total)))

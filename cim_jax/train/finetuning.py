@@ -44,22 +44,11 @@ def build_classifier(config, num_classes: int):
 def labelled_sources(config) -> tuple[labelled.LabelledRecords, labelled.LabelledRecords, int]:
   """(train, eval, num_classes) of `config.data.source`; checks the head's class count."""
   d = config.data
-  if d.source in labelled.EMBEDDED_LABELLED:
-    splits = [labelled.as_labelled(sources.embedded_labelled(d.source, name,
-                                                             image_size=d.image_size))
-              for name in ("train", "test")]
-    found = max(split.num_classes for split in splits)
-    train, test = (labelled.LabelledRecords(split, found, description=f"{d.source}/{name}")
-                   for split, name in zip(splits, ("train", "test")))
-  elif d.source == "imagefolder":
-    train, test = labelled.imagefolder_splits(d.root, d.eval_root,
-                                              ("config.data.root", "config.data.eval_root"))
-  elif d.source == "tfds":
-    train, test = labelled.tfds_splits(d.tfds_name, d.tfds_split, d.tfds_eval_split,
-                                       d.tfds_data_dir, d.tfds_image_key, d.tfds_label_key)
-  else:
-    raise ConfigError(f"config.data.source={d.source!r} must be one of "
-                      f"{', '.join(labelled.LABELLED_SOURCES)}")
+  train, test = labelled.splits(d)
+  if isinstance(train, labelled.Labelled):  # in-memory sets, read record by record as the others
+    train, test = (labelled.LabelledRecords(split, split.num_classes,
+                                            description=f"{d.source}/{name}")
+                   for split, name in ((train, "train"), (test, "test")))
   found = max(train.num_classes, test.num_classes)
   if not found and not d.num_classes:  # a plain integer label: the count is not declared
     raise ConfigError(f"the label feature {d.tfds_label_key!r} declares no class count; set "

@@ -114,12 +114,12 @@ def check_pretraining(config, workdir: str) -> None:
   d = config.data
   if d.source == "imagefolder":
     check_imagefolder(d.root, "config.data.root")
-    if d.heldout_root:
-      check_imagefolder(d.heldout_root, "config.data.heldout_root")
+    if d.eval_root:
+      check_imagefolder(d.eval_root, "config.data.eval_root")
   elif d.source == "tfds":
     check_tfds(d.tfds_name, d.tfds_data_dir, d.tfds_split, "config.data")
     if config.eval.pretext_iou or config.eval.visualize:
-      check_tfds(d.tfds_name, d.tfds_data_dir, d.tfds_heldout_split, "config.data",
-                 "tfds_heldout_split")
+      check_tfds(d.tfds_name, d.tfds_data_dir, d.tfds_eval_split, "config.data",
+                 "tfds_eval_split")
   warm_start.check_warm_start_path(config.init_from, "config.init_from")
   check_workdir(workdir)

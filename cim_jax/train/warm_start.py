@@ -11,10 +11,10 @@ import shutil
 import tempfile
 
 import jax
+import ml_collections
 import numpy as np
 from etils import epath
 
-from cim_jax import config_defaults
 from cim_jax import interop
 from cim_jax import sharding
 from cim_jax.errors import ConfigError
@@ -125,13 +125,16 @@ def load_checkpoint(config, checkpoint: str | None = None, model=None) -> dict:
 
   Raises a one-line error when the checkpoint's encoder is not `config.model.variant`.
   """
-  checkpoint = checkpoint or config.checkpoint
+  checkpoint = checkpoint or config.init_from
   if not checkpoint:
-    raise ConfigError("no checkpoint given (set --config.checkpoint=WORKDIR_OR_PTH)")
-  check_warm_start_path(checkpoint, "config.checkpoint")  # a work dir or weights file
+    raise ConfigError("no checkpoint given (set --config.init_from=WORKDIR_OR_PTH)")
+  check_warm_start_path(checkpoint, "config.init_from")  # a work dir or weights file
   if model is None:
-    # Fine-tuning configs have no pair settings; the CIM model only needs them for shapes.
-    data_cfg = config.data if "context_size" in config.data else config_defaults.data_config()
+    # Fine-tuning and evaluation configs have no pair settings; the CIM model only needs them
+    # for shapes: the release's 10x10 context and 4x4 exemplar token grids.
+    patch = vit.decode_variant(config.model.variant)["patch_size"]
+    data_cfg = config.data if "context_size" in config.data else ml_collections.ConfigDict(
+        dict(context_size=10 * patch, exemplar_size=4 * patch, num_exemplars=1))
     model = cim.build_model(config.model, data_cfg)
   loaded = load_warm_start(checkpoint, model, sharding.replicated(sharding.local_data_mesh()))
   check_encoder_params(loaded["params"]["encoder"], config.model, checkpoint)
