@@ -15,7 +15,6 @@ from etils import epath
 from cim_jax import sharding
 from cim_jax.data import augment
 from cim_jax.data import labelled
-from cim_jax.data import sources
 from cim_jax.errors import ConfigError
 from cim_jax.models import cim
 from cim_jax.models import vit
