@@ -61,13 +61,13 @@ def test_topk_accuracy_hand_computed():
                      [0.5, 0.2, 0.3, 0.0, 0.0, 0.0],
                      [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]])
   labels = np.array([1, 2, 0])
-  got = knn.topk_accuracy(scores, labels)
+  got = labelled.topk_accuracy(scores, labels)
   assert got["top1"] == pytest.approx(100 / 3)  # only the first row's best is right
   assert got["top5"] == pytest.approx(200 / 3)  # row 3's label 0 has the lowest score
 
 
 def test_top5_left_out_when_classes_too_few():
-  assert set(knn.topk_accuracy(np.eye(3), np.arange(3))) == {"top1"}
+  assert set(labelled.topk_accuracy(np.eye(3), np.arange(3))) == {"top1"}
 
 
 def test_extract_features_batches_pads_and_normalises():

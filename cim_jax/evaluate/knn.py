@@ -20,17 +20,12 @@ from cim_jax import sharding
 from cim_jax.data import labelled
 from cim_jax.errors import ConfigError
 from cim_jax.models import cim
+from cim_jax.models import heads
 from cim_jax.models import vit
 from cim_jax.train import metrics as metrics_lib
 from cim_jax.train import warm_start
 
 KNN_KS = (10, 20, 100, 200)
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """Scales each row to unit L2 norm (zero rows stay zero instead of becoming NaN)."""
-  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-  return x / jnp.maximum(norm, eps)
 
 
 def extract_features(apply_fn: Callable[[jax.Array], jax.Array],
@@ -59,7 +54,7 @@ def extract_features(apply_fn: Callable[[jax.Array], jax.Array],
   @functools.partial(jax.jit, in_shardings=data_sharding, out_shardings=data_sharding)
   def features_of(batch):
     feats = apply_fn(batch).astype(jnp.float32)
-    return l2_normalize(feats) if normalize else feats
+    return heads.l2_normalize(feats) if normalize else feats
 
   outputs = []
   for batch in metrics_lib.progress(images, enabled=progress, desc=desc, total=total):
@@ -69,7 +64,7 @@ def extract_features(apply_fn: Callable[[jax.Array], jax.Array],
       raise ValueError(f"extract_features: a batch of {valid} images exceeds the batch size "
                        f"{batch_size}")
     if valid < batch_size:  # pad with copies of the last image; the padded rows are dropped
-      batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - valid, axis=0)])
+      batch = sharding.pad_rows(batch, batch_size)
     feats = features_of(jax.device_put(batch, data_sharding))
     outputs.append(np.asarray(feats)[:valid])
   if not outputs:
@@ -204,19 +199,6 @@ def knn_scores(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np
   return np.concatenate(chunks)
 
 
-def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)
-                  ) -> dict[str, float]:
-  """Percentage of rows whose label is among the `k` highest scores, for each k <= classes."""
-  labels = np.asarray(labels)
-  order = np.argsort(-scores, axis=-1, kind="stable")
-  result = {}
-  for k in ks:
-    if k == 1 or k < scores.shape[-1]:  # top-k is trivially 100% once k reaches the classes
-      hit = (order[:, :k] == labels[:, None]).any(axis=-1)
-      result[f"top{k}"] = float(100.0 * hit.mean())
-  return result
-
-
 def knn_classify(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray,
                  test_labels: np.ndarray, *, k: int = 20, temperature: float = 0.07,
                  num_classes: int | None = None) -> dict[str, float]:
@@ -224,7 +206,7 @@ def knn_classify(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: 
   num_classes = num_classes or int(max(np.max(train_labels), np.max(test_labels))) + 1
   scores = knn_scores(train_feats, train_labels, test_feats, k=k, temperature=temperature,
                       num_classes=num_classes)
-  return topk_accuracy(scores, test_labels)
+  return labelled.topk_accuracy(scores, test_labels)
 
 
 def knn_accuracy(encoder_params: Mapping[str, Any] | None, model_cfg, train, test, *,

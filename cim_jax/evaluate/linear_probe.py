@@ -112,8 +112,8 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, *, num_clas
     raise ValueError(f"linear probe: test labels span [{test_labels.min()}, "
                      f"{test_labels.max()}], outside the {num_classes} classes of the head")
   probe = train_linear_probe(train_feats, train_labels, num_classes, recipe)
-  result = knn.topk_accuracy(probe_scores(probe, test_feats), test_labels)
-  train_top1 = knn.topk_accuracy(probe_scores(probe, train_feats), train_labels, ks=(1,))
+  result = labelled.topk_accuracy(probe_scores(probe, test_feats), test_labels)
+  train_top1 = labelled.topk_accuracy(probe_scores(probe, train_feats), train_labels, ks=(1,))
   result["train_top1"] = train_top1["top1"]
   return result
 

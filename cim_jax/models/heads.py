@@ -71,8 +71,8 @@ class MLPHead(nn.Module):
     return x
 
 
-def _l2_normalize(x, eps: float = 1e-12):
-  # torch.nn.functional.normalize: x / max(||x||, eps).
+def l2_normalize(x, eps: float = 1e-12):
+  """torch.nn.functional.normalize: x / max(||x||, eps) per row (zero rows stay zero)."""
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
@@ -86,8 +86,8 @@ def info_nce_loss(online_predictions, target_projections, temperature: float,
   arrays already span every device and XLA inserts the gather. Gradients reach only the online
   predictions (the gathered targets carry none, as in the authors' code).
   """
-  q = _l2_normalize(online_predictions.astype(jnp.float32))
-  k = jax.lax.stop_gradient(_l2_normalize(target_projections.astype(jnp.float32)))
+  q = l2_normalize(online_predictions.astype(jnp.float32))
+  k = jax.lax.stop_gradient(l2_normalize(target_projections.astype(jnp.float32)))
   batch = q.shape[1]
   offset = 0
   if axis_name is not None:
