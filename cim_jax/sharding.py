@@ -66,16 +66,19 @@ def _detected_multiprocess_cluster() -> str | None:
   return None
 
 
-def make_mesh(fsdp: int = 1) -> Mesh:
-  """A ('data', 'fsdp') mesh over all devices of all processes; data = devices / fsdp."""
-  n = jax.device_count()
+def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
+  """A ('data', 'fsdp') mesh over all devices of all processes (or `devices`, e.g. a described
+  TPU slice); data = devices / fsdp."""
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
   if fsdp < 1 or n % fsdp:
     raise ConfigError(f"mesh.fsdp={fsdp} must be >= 1 and divide the device count {n}")
   try:
-    devices = mesh_utils.create_device_mesh((n // fsdp, fsdp), allow_split_physical_axes=True)
+    grid = mesh_utils.create_device_mesh((n // fsdp, fsdp), devices,
+                                         allow_split_physical_axes=True)
   except (ValueError, NotImplementedError, AssertionError):
-    devices = np.asarray(jax.devices()).reshape(n // fsdp, fsdp)
-  return Mesh(devices, ("data", "fsdp"))
+    grid = np.asarray(devices).reshape(n // fsdp, fsdp)
+  return Mesh(grid, ("data", "fsdp"))
 
 
 def local_data_mesh() -> Mesh:
