@@ -7,7 +7,7 @@
 #     --workdir=gs://BUCKET/runs/cim_b16 --data-dir=gs://BUCKET/tensorflow_datasets \
 #     [--config=configs/cim_pretrain.py:B/16] [--version=RUNTIME] [--project=P] \
 #     [--spot|--preemptible] [--repo=GIT_URL [--ref=REF]] [--skip-install] [--detach] \
-#     [--max-restarts=N] [--dry-run] \
+#     [--max-restarts=N] [--dry-run] [--skip-compile-check] \
 #     [--config.key=value ...]
 #
 # Every worker runs the same command; JAX finds the slice's hosts itself and the trainer resumes
@@ -15,6 +15,9 @@
 # --max-restarts=N, which re-creates a PREEMPTED slice and starts again) continues the run.
 # --dry-run prints each command (one per line, prefixed with "+ ", shell-quoted) instead of
 # running it; it needs neither gcloud nor credentials.
+# Before touching the slice (dry run included), the train step is compiled for it on this machine
+# (`python -m cim_jax.tools.compile_for`, libtpu: `pip install jax[tpu]`, no TPU needed); a config
+# that does not compile or fit stops here. --skip-compile-check skips that pre-flight.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,7 +26,7 @@ die() { echo "tpu_pod.sh: error: $*" >&2; exit 2; }
 
 name="" zone="" accelerator="" runtime="" project="" config="configs/cim_pretrain.py:B/16"
 workdir="" data_dir="" provisioning="" repo="" ref="main" skip_install=0 detach=0
-max_restarts=0 overrides=()
+max_restarts=0 overrides=() compile_check=1
 for arg in "$@"; do
   case "$arg" in
     --name=*) name="${arg#*=}" ;;
@@ -42,8 +45,9 @@ for arg in "$@"; do
     --detach) detach=1 ;;
     --max-restarts=*) max_restarts="${arg#*=}" ;;
     --dry-run) DRY_RUN=1 ;;
+    --skip-compile-check) compile_check=0 ;;
     --config.*=*) overrides+=("$arg") ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) die "unknown argument '$arg' (see --help)" ;;
   esac
 done
@@ -158,6 +162,16 @@ start_training() {
   fi
 }
 
+preflight_compile() {  # the real step compiled for the slice here: does it fit, what will it cost?
+  local args=(--target="$accelerator" --config="$config")
+  args+=(${overrides[@]+"${overrides[@]}"})
+  echo "# pre-flight: compile the train step for $accelerator on this machine (--skip-compile-check skips it)"
+  echo "+ $(quote "${PYTHON:-python3}" -m cim_jax.tools.compile_for "${args[@]}")"
+  (cd "$ROOT" && "${PYTHON:-python3}" -m cim_jax.tools.compile_for "${args[@]}") ||
+    die "pre-flight: the train step does not compile or fit on $accelerator (see above); nothing was created"
+}
+
+[ "$compile_check" = 1 ] && preflight_compile
 attempt=0
 while true; do
   ensure_tpu

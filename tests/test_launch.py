@@ -57,7 +57,8 @@ def pretrain_args(words: list[str]) -> list[str]:
 
 TPU_ARGS = ["--name=cim-b16", "--zone=us-central2-b", "--accelerator-type=v4-32",
             "--workdir=gs://bkt/runs/b16", "--data-dir=gs://bkt/tensorflow_datasets", "--spot",
-            "--config=configs/cim_pretrain.py:B/16", "--config.batch_size=1024", TRICKY_OVERRIDE]
+            "--config=configs/cim_pretrain.py:B/16", "--config.batch_size=1024", TRICKY_OVERRIDE,
+            "--skip-compile-check"]
 
 
 def test_tpu_dry_run_for_a_four_worker_v4_slice():
@@ -103,7 +104,7 @@ def test_tpu_dry_run_per_generation_runtime_git_checkout_and_detach():
   result = run_script("launch/tpu_pod.sh", "--name=p", "--zone=us-east5-a",
                       "--accelerator-type=v5p-64", "--workdir=gs://b/w", "--preemptible",
                       "--repo=https://example.com/cim-jax.git", "--ref=v1.0", "--detach",
-                      "--dry-run")
+                      "--skip-compile-check", "--dry-run")
   assert result.returncode == 0, result.stderr
   commands = printed_commands(result.stdout)
   create = next(c for c in commands if c[4:5] == ["create"])
@@ -128,6 +129,42 @@ def test_tpu_rejects_bad_input_with_one_line(args, message):
   result = run_script("launch/tpu_pod.sh", *args, "--dry-run")
   assert result.returncode == 2 and message in result.stderr
   assert len(result.stderr.strip().splitlines()) == 1 and not result.stdout
+
+
+# The pre-flight compiles a 2-block ViT for a 4-chip v5e slice (libtpu on this CPU host).
+MU_SLICE = ["--name=mu", "--zone=us-west4-a", "--accelerator-type=v5litepod-4",
+            "--workdir=gs://b/mu", "--config=configs/cim_pretrain.py:Ti/16",
+            "--config.model.variant=Mu/16", "--config.batch_size=32", "--config.data.search_size=96",
+            "--config.data.context_size=64", "--config.data.exemplar_size=32",
+            "--config.data.num_exemplars=2", "--dry-run"]
+
+
+def test_tpu_dry_run_compiles_the_step_for_the_slice_first():
+  pytest.importorskip("libtpu", reason="the pre-flight compiles with libtpu (jax[tpu])")
+  result = run_script("launch/tpu_pod.sh", *MU_SLICE, env={"PYTHON": sys.executable},
+                      timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  preflight = out.index("# pre-flight: compile the train step for v5litepod-4")
+  assert "-m cim_jax.tools.compile_for --target=v5litepod-4" in out
+  assert "on v5litepod-4 (v5e:2x2)" in out and "fits (needs" in out
+  commands = printed_commands(out)
+  assert commands[0][1:4] == ["-m", "cim_jax.tools.compile_for", "--target=v5litepod-4"]
+  assert [c[4] for c in commands[1:3]] == ["describe", "create"]
+  assert out.index("gcloud compute tpus tpu-vm describe") > preflight
+
+
+def test_tpu_preflight_stops_a_config_that_does_not_fit():
+  pytest.importorskip("libtpu", reason="the pre-flight compiles with libtpu (jax[tpu])")
+  # A 12288-wide correlation block: ~1.8e9 parameters, whose f32 state alone (params, Adam
+  # moments, gradients) outgrows a 16 GiB v5e chip at any batch.
+  result = run_script("launch/tpu_pod.sh", *MU_SLICE, "--config.model.decoder_dim=12288",
+                      env={"PYTHON": sys.executable}, timeout=600)
+  assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+  assert "does not fit" in result.stdout + result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      "tpu_pod.sh: error: pre-flight: the train step does not compile or fit on v5litepod-4")
+  assert "tpu-vm" not in result.stdout  # nothing created, nothing shipped
 
 
 FAKE_GCLOUD = r"""#!/usr/bin/env bash
@@ -156,7 +193,7 @@ def test_tpu_recreates_a_preempted_slice_and_starts_again(tmp_path, max_restarts
   gcloud.chmod(0o755)
   env = {"PATH": f"{fake / 'bin'}:{os.environ['PATH']}", "FAKE": str(fake),
          "TMPDIR": str(tmp_path)}
-  result = run_script("launch/tpu_pod.sh", *TPU_ARGS[:6], "--skip-install",
+  result = run_script("launch/tpu_pod.sh", *TPU_ARGS[:6], "--skip-install", "--skip-compile-check",
                       f"--max-restarts={max_restarts}", env=env)
   calls = (fake / "calls").read_text().split()
   first = ["describe", "create", "scp", "ssh", "ssh", "train", "describe"]

@@ -1,4 +1,5 @@
-"""The memory tool: XLA's compiled sizes of the trainer's real step, split into state parts.
+"""compile_for on this machine (`--target=local`, the memory tool): XLA's compiled sizes of the
+trainer's real step, split into state parts.
 
 Measurements run in a subprocess with 8 host-platform CPU devices (a pod-like mesh); the
 compiler's numbers are checked against each other and against the state's own sizes.
@@ -13,12 +14,12 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Runs `cim_jax.tools.memory.main` for each argv in one process (one jax start-up).
+# Runs `cim_jax.tools.compile_for.main` for each argv in one process (one jax start-up).
 MEASURE_MANY = """
 import json, sys
-from cim_jax.tools import memory
+from cim_jax.tools import compile_for
 for argv in json.loads(sys.argv[1]):
-  memory.main(argv)
+  compile_for.main(argv)
 """
 
 # The 2-block "Mu/16" encoder compiles in seconds; the presets' other settings stay.
@@ -41,7 +42,9 @@ def measure_many(cases: list[list[str]], timeout: int = 900) -> list[dict]:
   assert result.returncode == 0, result.stderr[-3000:]
   reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
   assert len(reports) == len(cases)
-  return reports
+  return [dict(r["bytes_per_device"], target=r["bytes_per_device"]["ema_target"],
+               temp=r["bytes_per_device"]["activations_and_temporaries"],
+               **{k: r[k] for k in ("devices", "mesh", "num_params")}) for r in reports]
 
 
 def state_and_batch(report: dict) -> int:
@@ -93,7 +96,7 @@ def test_command_line_prints_a_table_and_rejects_bad_flags():
                           timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
-  assert "2 cpu devices, mesh data=2 x fsdp=1" in out and "4 per device" in out
+  assert "(4 per device) on 2 cpu devices, 1 host, mesh data=2 x fsdp=1" in out
   for row in ("params (online)", "optimizer state", "EMA target", "activations / temporaries",
               "total during the step"):
     assert row in out

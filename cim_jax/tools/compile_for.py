@@ -2,7 +2,7 @@
 
 python -m cim_jax.tools.compile_for --target=v5p-64 --config=configs/cim_pretrain.py:B/16 \
     [--config.key=value ...] [--task=pretrain|finetune] [--largest_batch=true] [--json=true]
-python -m cim_jax.tools.compile_for --target=local [--devices=8] --config=...   # this machine
+python -m cim_jax.tools.compile_for [--target=local] [--devices=8] --config=...  # this machine
 
 Targets: Cloud TPU slices by accelerator type (v4-32, v5p-64, v5e-64 / v5litepod-64, v6e-64) or
 topology (v5p:2x2x2), compiled by libtpu on this CPU host (`pip install jax[tpu]` at the runtime
@@ -38,6 +38,7 @@ from cim_jax import config_validation
 from cim_jax import sharding
 from cim_jax.errors import ConfigError
 from cim_jax.models import cim
+from cim_jax.train import finetuning
 from cim_jax.train import memory
 from cim_jax.train import schedules
 from cim_jax.train import step as step_lib
@@ -45,6 +46,8 @@ from cim_jax.train import step as step_lib
 FLAGS = {"target": "local", "devices": "0", "task": "pretrain", "largest_batch": "false",
          "json": "false", "headroom": "0.1"}
 GIB = memory.GIB
+TASKS = {"pretrain": "pretraining", "finetune": "finetuning"}  # --task: the config kind
+IMAGENET_CLASSES = 1000  # the head of a fine-tuning config that names no class count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +131,7 @@ def tpu_topology(target: str) -> tuple[str, str]:
 def resolve_target(target: str) -> Target:
   """The devices of `target`, described (not present): TPU via libtpu, GPU via the CUDA plugin."""
   if target == "local":
-    return Target(f"{jax.device_count()} local {jax.default_backend()} devices",
+    return Target(f"{jax.device_count()} {jax.default_backend()} devices",
                   tuple(jax.devices()), None)
   gpu = re.fullmatch(r"(?:(\d+)x)?(H100|H200)", target)
   if gpu:
@@ -197,11 +200,17 @@ class Compiled:
   """What one compilation says per device."""
   batch_size: int
   compile_seconds: float
+  num_params: int  # online parameters, whole
   params: int
   optimizer: int
   target_params: int
+  model_state: int
   batch: int
-  temp: int
+  arguments: int  # XLA: every input buffer (state + batch + rng)
+  outputs: int
+  aliased: int  # outputs written into donated inputs (the updated state)
+  temp: int  # XLA: activations, gradients and other temporaries
+  generated_code: int
   total: int
   flops: float
   bytes_accessed: float
@@ -210,16 +219,21 @@ class Compiled:
 
 def abstract_step(config: ml_collections.ConfigDict, devices, task: str = "pretrain"):
   """(jitted step, abstract state, abstract batch, abstract rng) over the trainer's mesh."""
-  if task != "pretrain":
-    raise ConfigError(f"--task={task}: only 'pretrain' is supported so far")
   mesh = sharding.make_mesh(config.mesh.fsdp, devices=devices)
-  model = cim.build_model(config.model, config.data)
   counts = schedules.step_counts(config, num_examples=config.batch_size)  # constants only
-  trainer = step_lib.build_trainer(config, model, mesh, counts)
+  if task == "pretrain":
+    trainer = step_lib.build_trainer(config, cim.build_model(config.model, config.data), mesh,
+                                     counts)
+    batch = memory.abstract_batch(config, trainer.batch_sharding)
+  elif task == "finetune":
+    trainer = finetuning.build_trainer(config, config.data.num_classes or IMAGENET_CLASSES, mesh,
+                                       counts)
+    batch = finetuning.abstract_batch(config, trainer.batch_sharding)
+  else:
+    raise ConfigError(f"--task={task} must be 'pretrain' or 'finetune'")
   key = jax.eval_shape(lambda: jax.random.PRNGKey(config.seed))
   rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
-  return (trainer.train_step, trainer.abstract_sharded_state(),
-          memory.abstract_batch(config, trainer.batch_sharding), rng)
+  return trainer.train_step, trainer.abstract_sharded_state(), batch, rng
 
 
 def compile_step(config: ml_collections.ConfigDict, target: Target, task: str) -> Compiled:
@@ -233,10 +247,14 @@ def compile_step(config: ml_collections.ConfigDict, target: Target, task: str) -
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return Compiled(
       batch_size=config.batch_size, compile_seconds=seconds,
+      num_params=sum(int(x.size) for x in jax.tree.leaves(state.params)),
       params=memory.per_device_bytes(state.params),
       optimizer=memory.per_device_bytes(state.opt_state),
-      target_params=memory.per_device_bytes(state.target_params),
-      batch=memory.per_device_bytes(batch), temp=stats.temp_size_in_bytes,
+      target_params=memory.per_device_bytes(getattr(state, "target_params", {})),
+      model_state=memory.per_device_bytes(getattr(state, "model_state", {})),
+      batch=memory.per_device_bytes(batch), arguments=stats.argument_size_in_bytes,
+      outputs=stats.output_size_in_bytes, aliased=stats.alias_size_in_bytes,
+      temp=stats.temp_size_in_bytes, generated_code=stats.generated_code_size_in_bytes,
       total=memory.compiled_bytes(compiled), flops=float(cost.get("flops", 0.0)),
       bytes_accessed=float(cost.get("bytes accessed", 0.0)),
       collectives=collectives(compiled.as_text()))
@@ -288,13 +306,15 @@ def report(config, target: Target, result: Compiled, headroom: float,
       "target": target.label, "devices": len(target.devices), "hosts": target.hosts,
       "variant": config.model.variant, "dtype": config.model.dtype,
       "mesh": {"data": len(target.devices) // config.mesh.fsdp, "fsdp": config.mesh.fsdp},
-      "batch_size": result.batch_size,
+      "batch_size": result.batch_size, "num_params": result.num_params,
       "per_device_batch": result.batch_size / len(target.devices),
       "compile_seconds": result.compile_seconds,
       "bytes_per_device": {"params": result.params, "optimizer": result.optimizer,
-                           "ema_target": result.target_params, "batch": result.batch,
-                           "activations_and_temporaries": result.temp, "total": result.total,
-                           "available": available},
+                           "ema_target": result.target_params, "model_state": result.model_state,
+                           "batch": result.batch, "activations_and_temporaries": result.temp,
+                           "arguments": result.arguments, "outputs": result.outputs,
+                           "aliased": result.aliased, "generated_code": result.generated_code,
+                           "total": result.total, "available": available},
       "fits": fits(result, target, headroom), "headroom": headroom,
       "flops_per_device_step": result.flops, "bytes_accessed_per_device_step":
           result.bytes_accessed,
@@ -306,13 +326,14 @@ def report(config, target: Target, result: Compiled, headroom: float,
 def format_report(r: dict) -> str:
   b = r["bytes_per_device"]
   gib = lambda n: f"{n / GIB:8.2f} GiB"
-  lines = [f"{r['variant']} {r['dtype']}, global batch {r['batch_size']} "
-           f"({r['per_device_batch']:g} per device) on {r['target']}: {r['devices']} devices, "
+  lines = [f"{r['variant']} {r['dtype']} ({r['num_params'] / 1e6:.1f}M parameters), global batch "
+           f"{r['batch_size']} ({r['per_device_batch']:g} per device) on {r['target']}, "
            f"{r['hosts']} host{'s' if r['hosts'] > 1 else ''}, mesh data={r['mesh']['data']} x "
            f"fsdp={r['mesh']['fsdp']}; compiled in {r['compile_seconds']:.1f} s",
            "per device (compiled, not measured):"]
   for name, key in (("params (online)", "params"), ("optimizer state", "optimizer"),
-                    ("EMA target", "ema_target"), ("input batch", "batch"),
+                    ("EMA target", "ema_target"), ("model state (BatchNorm)", "model_state"),
+                    ("input batch", "batch"),
                     ("activations / temporaries", "activations_and_temporaries"),
                     ("total during the step", "total")):
     lines.append(f"  {name:<28}{gib(b[key])}")
@@ -341,7 +362,9 @@ def run(config, flags: dict) -> dict:
   """Compiles for flags['target'] and returns the report (raises ConfigError on bad input)."""
   headroom = float(flags["headroom"])
   target = resolve_target(flags["target"])
-  config_validation.validate(config, device_count=len(target.devices))
+  if flags["task"] not in TASKS:
+    raise ConfigError(f"--task={flags['task']} must be one of {', '.join(TASKS)}")
+  config_validation.validate(config, kind=TASKS[flags["task"]], device_count=len(target.devices))
   result = compile_step(config, target, flags["task"])
   largest = None
   if flags["largest_batch"] == "true" and target.memory_per_device:
@@ -351,7 +374,7 @@ def run(config, flags: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
-  config, flags = cli.parse_or_exit(argv, default_config="configs/cim_vit_base.py", flags=FLAGS,
+  config, flags = cli.parse_or_exit(argv, default_config="configs/cim_pretrain.py:B/16", flags=FLAGS,
                                     validate=False, prog="cim_jax.tools.compile_for")
   for key in ("largest_batch", "json"):
     if flags[key] not in ("true", "false"):
@@ -362,6 +385,9 @@ def main(argv: list[str] | None = None) -> None:
     if flags["target"] != "local":
       cli.exit_on_config_error(_fail, "--devices applies to --target=local only")
     jax.config.update("jax_num_cpu_devices", int(flags["devices"]))
+    if jax.default_backend() != "cpu":
+      cli.exit_on_config_error(_fail, "--devices lays out CPU devices; on an accelerator the "
+                               "mesh is the devices present")
   result = cli.exit_on_config_error(run, config, flags)
   print(json.dumps(result) if flags["json"] == "true" else format_report(result))
   if not result["fits"]:

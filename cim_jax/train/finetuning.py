@@ -258,6 +258,14 @@ def build_trainer(config, num_classes: int, mesh, counts) -> step_lib.Trainer:
   return trainer
 
 
+def abstract_batch(config, batch_sharding) -> dict:
+  """The fine-tuning step's global batch as shapes, dtypes and its sharding (no data)."""
+  size = config.data.image_size
+  return {"image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), np.uint8,
+                                        sharding=batch_sharding),
+          "label": jax.ShapeDtypeStruct((config.batch_size,), np.int32, sharding=batch_sharding)}
+
+
 def finetune(config, workdir: str, *, eval_only: bool = False) -> dict[str, Any]:
   """Fine-tunes (resuming from workdir) and returns {'last_top1', 'best_top1', ..., 'step'};
   `eval_only`: {'step', 'top1', ...} of the work dir's latest checkpoint."""
@@ -288,13 +296,8 @@ def finetune(config, workdir: str, *, eval_only: bool = False) -> dict[str, Any]
     return state, {"eval_top1": accuracy.pop("top1"), "best_top1": best,
                    **{f"eval_{k}": v for k, v in accuracy.items()}}
 
-  abstract_batch = {
-      "image": jax.ShapeDtypeStruct((config.batch_size,) + (config.data.image_size,) * 2 + (3,),
-                                    np.uint8, sharding=trainer.batch_sharding),
-      "label": jax.ShapeDtypeStruct((config.batch_size,), np.int32,
-                                    sharding=trainer.batch_sharding)}
   task = loop.Task(
-      "fine-tuning", trainer, init_state, abstract_batch, iter(train_dataset(config, train_source)),
+      "fine-tuning", trainer, init_state, abstract_batch(config, trainer.batch_sharding), iter(train_dataset(config, train_source)),
       counts, saved_config, jax.random.key(config.seed + 1), warm_start_keys=None,
       evaluate=evaluate_state,
       eval_every_steps=config.eval_every_steps if config.eval_every_steps > 0
