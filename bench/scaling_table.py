@@ -1,4 +1,4 @@
-"""docs/SCALING.md's table: the pre-training step of each ViT compiled for each target, by compile_for.
+"""docs/SCALING.md's table: the pre-training step of each ViT compiled for each target.
 
   JAX_PLATFORMS=cpu python bench/scaling_table.py [--variants=Ti/16,S/16,B/16,L/16,H/14]
       [--targets=v4-32,v5e-64,v5p-64,v6e-64] [--json_out=scaling.jsonl]
@@ -12,14 +12,16 @@ not compiled; `compile_for --largest_batch=true` compiles it for one case.
 
 import argparse
 import json
+import os
 import sys
 import time
 
-from cim_jax.tools import compile_for
-from cim_jax.train import memory
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO, os.path.join(REPO, "configs")]
 
-sys.path.insert(0, "configs")
 import cim_pretrain  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cim_jax.tools import compile_for  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cim_jax.train import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 IMAGENET_TRAIN = 1_281_167
 
@@ -61,8 +63,8 @@ def main(argv=None):
         "(extrapolated) | step (estimate) | samples/s (estimate) | ImageNet-1K epoch (estimate) "
         "| TFLOP per device-step (XLA) | MFU bound (estimate) | compile |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
-  for target_name in args.targets.split(","):
-    for variant in args.variants.split(","):
+  for variant in args.variants.split(","):
+    for target_name in args.targets.split(","):
       start = time.perf_counter()
       try:
         r = case(variant, target_name)

@@ -4,9 +4,14 @@ pyproject.toml puts the repository and tests/ on sys.path: `from train_fixtures 
 """
 
 import io
+import os
 
-from etils import epath
-import jax
+# Tests run on the CPU even where libtpu (a test requirement: TPU compilation) is installed;
+# subprocesses inherit the setting.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from etils import epath  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest
 
 from cim_jax.train import finetuning

@@ -95,19 +95,59 @@ def test_multi_host_slice_shards_the_state_across_hosts_with_fsdp():
   assert {"all-gather"} <= set(result["collectives"])
 
 
-def test_a_step_that_cannot_fit_says_so_and_names_the_largest_batch():
-  # Keeping 97% of each 16 GiB v5e chip free leaves ~0.5 GiB: 256 pairs per chip of 160x160
-  # correlation maps (6 exemplars) need more, a smaller batch fits.
-  config = _config(batch_size=4 * 256)
+def test_a_state_too_large_for_the_chip_does_not_fit_at_any_batch():
+  # A 12288-wide correlation block: ~1.8e9 parameters, whose f32 state alone (params, Adam
+  # moments, gradients) outgrows a 16 GiB v5e chip.
+  config = _config(batch_size=32)
+  config.model.decoder_dim = 12288
+  result = compile_for.run(config, _flags("v5e-4", largest_batch="true"))
+  assert not result["fits"] and result["largest_batch"] == 0
+  assert result["bytes_per_device"]["params"] > 6 * 2**30
+  assert "does not fit" in compile_for.format_report(result)
+
+
+def test_largest_batch_search_doubles_and_bisects(monkeypatch):
+  """The search on a fake compiler whose step needs 1 GiB + 100 MiB per device-sample."""
+  target = compile_for.Target("fake v5e-4", tuple(range(4)), compile_for.CHIPS["v5e"])
+  compiled = []
+
+  def fake_compile(config, target_, task):
+    compiled.append(config.batch_size)
+    total = 2**30 + (config.batch_size // 4) * 100 * 2**20
+    return compile_for.Compiled(config.batch_size, 0.0, 1, 2**20, 2**20, 0, 0, 0, 0, 0, 0, 0, 0,
+                                total, 0.0, 0.0, {})
+
+  monkeypatch.setattr(compile_for, "compile_step", fake_compile)
+  config = _config()
+  budget = 16 * 2**30 * 0.9  # headroom 0.1
+  per_device = int((budget - 2**30) // (100 * 2**20))  # 137 samples per device fit, 138 do not
+  for start in (8, 4 * 400):
+    config.batch_size = start
+    compiled.clear()
+    first = fake_compile(config, target, "pretrain")
+    assert compile_for.largest_batch(config, target, "pretrain", 0.1, first) == 4 * per_device
+    assert max(b for b in compiled if 2**30 + b // 4 * 100 * 2**20 <= budget) == 4 * per_device
+    assert len(compiled) <= 16  # doublings, then bisection
+
+
+@pytest.mark.slow
+def test_largest_batch_is_found_and_verified_by_compiling():
+  # 160x160 correlation maps of 6 exemplars; memory kept free so that 32 pairs per chip do not
+  # fit but fewer do.
+  config = _config(batch_size=4 * 32)
   config.data.search_size, config.data.context_size, config.data.num_exemplars = 224, 160, 6
-  flags = _flags("v5e-4", largest_batch="true", headroom="0.97")
+  first = compile_for.run(config, _flags("v5e-4"))["bytes_per_device"]
+  small = config.copy_and_resolve_references()
+  small.batch_size = 4
+  floor = compile_for.run(small, _flags("v5e-4"))["bytes_per_device"]["total"]
+  budget = (first["total"] + floor) // 2
+  flags = _flags("v5e-4", largest_batch="true", headroom=repr(1 - budget / (16 * 2**30)))
   result = compile_for.run(config, flags)
   assert not result["fits"]
-  assert result["bytes_per_device"]["total"] > 0.03 * 16 * 2**30
   largest = result["largest_batch"]
   assert 0 < largest < config.batch_size and largest % 4 == 0
   config.batch_size = largest
-  assert compile_for.run(config, dict(flags, largest_batch="false"))["fits"]  # compiled again
+  assert compile_for.run(config, dict(flags, largest_batch="false"))["fits"]
   text = compile_for.format_report(result)
   assert "does not fit" in text and f"largest global batch that fits: {largest}" in text
 

@@ -77,6 +77,8 @@ _TORUS = {3: {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128
               256: "16x16"}}
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _HLO_ARRAY = re.compile(r"\b(pred|[subf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
+_OOM = re.compile(r"total memory required[^(]*\(([\d.]+)([KMGT]?)\)")
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _HLO_COLLECTIVE = re.compile(r"=\s*(.*?)\s(" + "|".join(_COLLECTIVES) + r")(-start)?\(")
 
 
@@ -100,8 +102,9 @@ class Target:
 
 def _quiet_libtpu() -> None:
   """libtpu looks for the TPU VM's metadata it does not need to compile: say there is none."""
-  for key, value in (("TPU_ACCELERATOR_TYPE", "v5p-8"), ("TPU_WORKER_HOSTNAMES", "localhost"),
-                     ("TPU_WORKER_ID", "0"), ("TPU_SKIP_MDS_QUERY", "1"),
+  for key, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_ACCELERATOR_TYPE", "v5p-8"),
+                     ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0"),
+                     ("TPU_SKIP_MDS_QUERY", "1"),
                      ("TPU_STDERR_LOG_LEVEL", "3"), ("TPU_MIN_LOG_LEVEL", "3")):
     os.environ.setdefault(key, value)
 
@@ -122,9 +125,10 @@ def tpu_topology(target: str) -> tuple[str, str]:
   count = int(match.group(2))
   chips = count // chip.cores_in_type
   if count % chip.cores_in_type or chips not in _TORUS[chip.dims]:
+    sizes = [f"{generation}-{n * chip.cores_in_type}" for n in sorted(_TORUS[chip.dims])[1:6]]
     raise ConfigError(f"--target={target}: no {generation} slice of {count} "
                       f"{'TensorCores' if chip.cores_in_type > 1 else 'chips'}; try "
-                      f"{', '.join(f'{generation}-{n * chip.cores_in_type}' for n in sorted(_TORUS[chip.dims])[1:6])}")
+                      f"{', '.join(sizes)}, ...")
   return generation, _TORUS[chip.dims][chips]
 
 
@@ -240,24 +244,35 @@ def compile_step(config: ml_collections.ConfigDict, target: Target, task: str) -
   """Lowers and compiles the step for `target` and reads XLA's analyses of the program."""
   step, state, batch, rng = abstract_step(config, target.devices, task)
   start = time.perf_counter()
-  compiled = step.lower(state, batch, rng).compile()
+  parts = dict(
+      batch_size=config.batch_size, num_params=sum(int(x.size) for x in jax.tree.leaves(
+          state.params)), params=memory.per_device_bytes(state.params),
+      optimizer=memory.per_device_bytes(state.opt_state),
+      target_params=memory.per_device_bytes(getattr(state, "target_params", {})),
+      model_state=memory.per_device_bytes(getattr(state, "model_state", {})),
+      batch=memory.per_device_bytes(batch))
+  try:
+    compiled = step.lower(state, batch, rng).compile()
+  except jax.errors.JaxRuntimeError as e:
+    # The TPU compiler refuses a program that cannot fit its HBM, naming what it needs.
+    needed = _OOM.search(str(e))
+    if "RESOURCE_EXHAUSTED" not in str(e) or not needed:
+      raise
+    total = int(float(needed.group(1)) * _UNITS[needed.group(2)])
+    return Compiled(compile_seconds=time.perf_counter() - start, arguments=0, outputs=0,
+                    aliased=0, temp=total, generated_code=0, total=total, flops=0.0,
+                    bytes_accessed=0.0, collectives={}, **parts)
   seconds = time.perf_counter() - start
   stats = compiled.memory_analysis()
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return Compiled(
-      batch_size=config.batch_size, compile_seconds=seconds,
-      num_params=sum(int(x.size) for x in jax.tree.leaves(state.params)),
-      params=memory.per_device_bytes(state.params),
-      optimizer=memory.per_device_bytes(state.opt_state),
-      target_params=memory.per_device_bytes(getattr(state, "target_params", {})),
-      model_state=memory.per_device_bytes(getattr(state, "model_state", {})),
-      batch=memory.per_device_bytes(batch), arguments=stats.argument_size_in_bytes,
+      compile_seconds=seconds, arguments=stats.argument_size_in_bytes,
       outputs=stats.output_size_in_bytes, aliased=stats.alias_size_in_bytes,
       temp=stats.temp_size_in_bytes, generated_code=stats.generated_code_size_in_bytes,
       total=memory.compiled_bytes(compiled), flops=float(cost.get("flops", 0.0)),
       bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-      collectives=collectives(compiled.as_text()))
+      collectives=collectives(compiled.as_text()), **parts)
 
 
 def fits(result: Compiled, target: Target, headroom: float) -> bool:
@@ -266,23 +281,25 @@ def fits(result: Compiled, target: Target, headroom: float) -> bool:
 
 
 def largest_batch(config, target: Target, task: str, headroom: float, first: Compiled) -> int:
-  """The largest global batch (a multiple of the device count) whose step fits: extrapolated
-  from `first` (state and code stay, the batch and its activations grow linearly), then
-  compiled to check, 10% smaller each time it does not fit."""
+  """The largest global batch (a multiple of the device count) whose step fits, by compiling:
+  doubling up from a batch that fits, or bisecting down from one that does not."""
   devices = len(target.devices)
-  budget = int(target.memory_per_device * (1.0 - headroom))
-  candidate = memory.largest_batch(first.total, budget, batch_size=first.batch_size,
-                                   temp=first.temp, batch_bytes=first.batch,
-                                   gradient_bytes=first.params, devices=devices)
+  budget = target.memory_per_device * (1.0 - headroom)
+  if first.params * 2 + first.optimizer + first.target_params > budget:
+    return 0  # the state and one gradient alone do not fit
   config = config.copy_and_resolve_references()
-  for _ in range(5):
-    if candidate <= 0:
-      break
-    config.batch_size = candidate
-    if fits(compile_step(config, target, task), target, headroom):
-      return candidate
-    candidate = int(candidate * 0.9) // devices * devices
-  return 0
+
+  def fits_at(batch_size: int) -> bool:
+    config.batch_size = batch_size
+    return fits(compile_step(config, target, task), target, headroom)
+
+  good, bad = (first.batch_size, None) if fits(first, target, headroom) else (0, first.batch_size)
+  while bad is None and good < 2**20:
+    good, bad = (good * 2, None) if fits_at(good * 2) else (good, good * 2)
+  while bad is not None and bad - good > devices:
+    middle = (good + bad) // 2 // devices * devices
+    good, bad = (middle, bad) if fits_at(middle) else (good, middle)
+  return good
 
 
 def estimate(result: Compiled, target: Target) -> dict | None:
@@ -374,8 +391,8 @@ def run(config, flags: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
-  config, flags = cli.parse_or_exit(argv, default_config="configs/cim_pretrain.py:B/16", flags=FLAGS,
-                                    validate=False, prog="cim_jax.tools.compile_for")
+  config, flags = cli.parse_or_exit(argv, default_config="configs/cim_pretrain.py:B/16",
+                                    flags=FLAGS, validate=False, prog="cim_jax.tools.compile_for")
   for key in ("largest_batch", "json"):
     if flags[key] not in ("true", "false"):
       cli.exit_on_config_error(_fail, f"--{key}={flags[key]} must be true or false")

@@ -2,7 +2,8 @@
 
 Both trainers compile their step once through `compile_step_that_fits`, so a batch that cannot
 fit stops with one line (what it needs, what the device has, the largest batch that fits)
-before the first step; `cim_jax.tools.memory` prints the same figures for any config and mesh.
+before the first step; `cim_jax.tools.compile_for` prints the same figures for any config, mesh
+and target.
 """
 
 import os
