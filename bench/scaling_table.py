@@ -43,12 +43,12 @@ def case(variant: str, target_name: str) -> dict:
 
 def row(r: dict) -> str:
   b, e = r["bytes_per_device"], r["estimate"] or {}
-  epoch_hours = IMAGENET_TRAIN / e["samples_per_second"] / 3600 if e else float("nan")
+  epoch_minutes = IMAGENET_TRAIN / e["samples_per_second"] / 60 if e else float("nan")
   return (f"| {r['variant']} | {r['target']} | {r['batch_size']} (fsdp {r['mesh']['fsdp']}) | "
           f"{b['total'] / 2**30:.1f} / {b['available'] / 2**30:.0f} GiB "
           f"{'fits' if r['fits'] else '**does not fit**'} | {r['largest_batch_per_chip']} | "
           f"{e.get('step_seconds', float('nan')) * 1e3:.0f} ms | "
-          f"{e.get('samples_per_second', float('nan')):,.0f} | {epoch_hours:.2f} h | "
+          f"{e.get('samples_per_second', float('nan')):,.0f} | {epoch_minutes:.1f} min | "
           f"{r['flops_per_device_step'] / 1e12:.2f} | {e.get('mfu', float('nan')):.0%} | "
           f"{r['compile_seconds']:.0f} s |")
 
@@ -58,11 +58,17 @@ def main(argv=None):
   parser.add_argument("--variants", default="Ti/16,S/16,B/16,L/16,H/14")
   parser.add_argument("--targets", default="v4-32,v5e-64,v5p-64,v6e-64")
   parser.add_argument("--json_out", default="")
+  parser.add_argument("--from_json", default="", help="print the rows of an earlier --json_out")
   args = parser.parse_args(argv)
   print("| ViT | target | global batch | memory per device (compiled) | largest batch per chip "
         "(extrapolated) | step (estimate) | samples/s (estimate) | ImageNet-1K epoch (estimate) "
         "| TFLOP per device-step (XLA) | MFU bound (estimate) | compile |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
+  if args.from_json:
+    with open(args.from_json, encoding="utf-8") as f:
+      for line in f:
+        print(row(json.loads(line)))
+    return
   for variant in args.variants.split(","):
     for target_name in args.targets.split(","):
       start = time.perf_counter()

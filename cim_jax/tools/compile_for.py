@@ -125,7 +125,7 @@ def tpu_topology(target: str) -> tuple[str, str]:
   count = int(match.group(2))
   chips = count // chip.cores_in_type
   if count % chip.cores_in_type or chips not in _TORUS[chip.dims]:
-    sizes = [f"{generation}-{n * chip.cores_in_type}" for n in sorted(_TORUS[chip.dims])[1:6]]
+    sizes = [f"{generation}-{n * chip.cores_in_type}" for n in sorted(_TORUS[chip.dims])[:5]]
     raise ConfigError(f"--target={target}: no {generation} slice of {count} "
                       f"{'TensorCores' if chip.cores_in_type > 1 else 'chips'}; try "
                       f"{', '.join(sizes)}, ...")
