@@ -49,7 +49,8 @@ RENAMED = {
 
 # The recipe file that makes each kind of config (see `kind_of`).
 RECIPES = {"pretraining": "configs/cim_pretrain.py", "finetuning": "configs/cim_finetune.py",
-           "evaluation": "configs/cim_eval.py"}
+           "evaluation": "configs/cim_eval.py", "segmentation": "configs/cim_segment.py"}
+SEGMENTATION_SOURCES = ("ade20k", "tfds", "synthetic")
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -159,7 +160,10 @@ def _check(condition: bool, message: str) -> None:
 
 
 def kind_of(config: ml_collections.ConfigDict) -> str:
-  """'pretraining', 'finetuning' or 'evaluation' (no optimizer): what a config was made for."""
+  """'pretraining', 'finetuning', 'segmentation' or 'evaluation' (no optimizer): what a config
+  was made for."""
+  if "segmentation" in config:
+    return "segmentation"
   if "mixup" in config:
     return "finetuning"
   return "pretraining" if "optim" in config else "evaluation"
@@ -191,10 +195,14 @@ def validate(config: ml_collections.ConfigDict, *, kind: str | None = None,
            "or 'adamw'")
     return
   _check_training(config, jax.device_count() if device_count is None else device_count)
-  if found == "finetuning":
-    _check_labelled(config.data, "config.data", patch)
+  if found in ("finetuning", "segmentation"):
     _check(0.0 < config.optim.layer_decay <= 1.0,
            f"config.optim.layer_decay={config.optim.layer_decay} must lie in (0, 1]")
+  if found == "finetuning":
+    _check_labelled(config.data, "config.data", patch)
+    return
+  if found == "segmentation":
+    _check_segmentation(config, patch)
     return
   _check_pairs(config.data, config.model, patch)
   if config.eval.knn:
@@ -224,8 +232,11 @@ def _check_training(config, device_count: int) -> None:
   _check(accum >= 1 and (config.batch_size // device_count) % accum == 0,
          f"config.optim.accum_steps={accum} must divide the per-device batch "
          f"{config.batch_size // device_count}")
-  _check(o.base_lr >= 0 and math.isfinite(o.base_lr),
-         f"config.optim.base_lr={o.base_lr} must be a finite number >= 0")
+  lr_key = "lr" if "lr" in o else "base_lr"
+  _check(o[lr_key] >= 0 and math.isfinite(o[lr_key]),
+         f"config.optim.{lr_key}={o[lr_key]} must be a finite number >= 0")
+  _check(o.get("schedule", "cosine") in ("cosine", "poly"),
+         f"config.optim.schedule={o.get('schedule')!r} must be 'cosine' or 'poly'")
   _check(o.min_lr >= 0, f"config.optim.min_lr={o.min_lr} must be >= 0")
   _check(o.weight_decay >= 0, f"config.optim.weight_decay={o.weight_decay} must be >= 0")
   _check(o.grad_clip_norm >= 0, f"config.optim.grad_clip_norm={o.grad_clip_norm} must be >= 0")
@@ -269,3 +280,32 @@ def _check_pairs(d, m, patch: int) -> None:
   _check(m.decoder_dim % m.decoder_heads == 0,
          f"config.model.decoder_dim={m.decoder_dim} is not divisible by config.model.decoder_heads="
          f"{m.decoder_heads}")
+
+
+def _check_segmentation(config, patch: int) -> None:
+  """Data, evaluation windows and heads of a segmentation config (configs/cim_segment.py)."""
+  d, s = config.data, config.segmentation
+  _check(d.source in SEGMENTATION_SOURCES, f"config.data.source={d.source!r} must be one of "
+         f"{', '.join(SEGMENTATION_SOURCES)}")
+  _check(d.source != "ade20k" or bool(d.root), "config.data.root must name the "
+         "ADEChallengeData2016 directory when config.data.source='ade20k'")
+  _check(d.crop_size > 0 and d.crop_size % patch == 0,
+         f"config.data.crop_size={d.crop_size} must be a positive multiple of the patch size "
+         f"{patch}")
+  _check(0 < d.eval_stride <= d.crop_size,
+         f"config.data.eval_stride={d.eval_stride} must lie in [1, crop_size={d.crop_size}]")
+  _check(0 < min(d.ratio_range) and d.ratio_range[0] <= d.ratio_range[1],
+         f"config.data.ratio_range={tuple(d.ratio_range)} must be (low, high) with 0 < low <= high")
+  _check(min(d.scale) > 0, f"config.data.scale={tuple(d.scale)} must be positive")
+  _check(0.0 < d.cat_max_ratio <= 1.0,
+         f"config.data.cat_max_ratio={d.cat_max_ratio} must lie in (0, 1]")
+  _check(d.eval_batch_size > 0, f"config.data.eval_batch_size={d.eval_batch_size} must be > 0")
+  _check(d.num_classes > 0, f"config.data.num_classes={d.num_classes} must be > 0")
+  _check(d.num_workers >= 0, f"config.data.num_workers={d.num_workers} must be >= 0")
+  _check(0.0 <= s.dropout < 1.0, f"config.segmentation.dropout={s.dropout} must lie in [0, 1)")
+  _check(s.channels > 0 and s.aux_channels > 0,
+         "config.segmentation.channels and aux_channels must be positive")
+  depth = vit.decode_variant(config.model.variant)["depth"]
+  _check(all(1 <= b <= depth for b in s.feature_blocks) and len(s.feature_blocks) in (0, 4),
+         f"config.segmentation.feature_blocks={tuple(s.feature_blocks)} must be () or four "
+         f"1-based block numbers of the {depth}-block encoder")

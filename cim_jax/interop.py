@@ -285,14 +285,27 @@ def encoder_to_timm(encoder_params, cls_token=None, pos_embed_grid: int = 14) ->
   return state
 
 
-def encoder_from_timm(state_dict: dict, encoder) -> dict:
+def is_timm_state_dict(state_dict: dict) -> bool:
+  """A timm VisionTransformer's keys (an authors' CIM checkpoint also has the target and decoder)."""
+  return "blocks.0.norm1.weight" in state_dict and not any(
+      k.startswith(("blocks_c.", "decoder_")) for k in state_dict)
+
+
+def encoder_from_timm(state_dict: dict, encoder, *, blocks_only: bool = False) -> dict:
   """timm VisionTransformer state dict -> params of `encoder` (a VisionTransformer module).
 
   timm's pos_embed is not imported (ours is a fixed table); mismatches raise one ValueError.
+  `blocks_only`: the final norm and classifier are taken when present and otherwise left out,
+  and extra ones are ignored (a backbone that reads block outputs needs neither).
   """
   final_norm = "fc_norm" if encoder.pool == "gap" else "norm"
   key_map = encoder_key_map(encoder.depth, final_norm=final_norm, head=encoder.num_classes > 0)
   key_map["cls_token"] = (("cls_token",), None, None)
+  head_keys = ("norm.", "fc_norm.", "head.")
+  if blocks_only:
+    key_map = {k: v for k, v in key_map.items() if not k.startswith(head_keys) or k in state_dict}
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(head_keys)
+                  or k in key_map}
   shapes = jax.eval_shape(encoder.init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, encoder.patch_size, encoder.patch_size, 3),
                                                np.float32))["params"]

@@ -366,3 +366,19 @@ def _fsdp_child(workdir: str, multi: bool = False):
 
 if __name__ == "__main__":
   _fsdp_child(sys.argv[1], multi=sys.argv[2:] == ["multi"])
+
+
+def test_layer_ids_of_a_backbone_under_a_head():
+  """A segmenter keeps its ViT under 'backbone': embeddings 0, blocks i + 1, the rest depth + 1."""
+  depth = 2
+  assert optimizer_lib.layer_id(("backbone", "patch_embed", "kernel"), depth) == 0
+  assert optimizer_lib.layer_id(("backbone", "cls_token"), depth) == 0
+  assert optimizer_lib.layer_id(("backbone", "blocks_1", "mlp", "fc1", "bias"), depth) == 2
+  for head in (("decode_head", "conv_seg", "kernel"), ("fpn1", "kernel")):
+    assert optimizer_lib.layer_id(head, depth) == depth + 1
+  params = {"backbone": {"patch_embed": {"kernel": 0.0}, "blocks_0": {"w": 0.0},
+                         "blocks_1": {"w": 0.0}}, "decode_head": {"w": 0.0}}
+  scales = optimizer_lib.layerwise_lr_scales(params, depth, 0.5)
+  assert (scales["backbone"]["patch_embed"]["kernel"], scales["backbone"]["blocks_0"]["w"],
+          scales["backbone"]["blocks_1"]["w"], scales["decode_head"]["w"]) == (0.125, 0.25, 0.5,
+                                                                               1.0)

@@ -112,3 +112,37 @@ def test_ema_momentum_at_the_last_batch_of_each_cycle(accum):
     release = 1.0 - (1.0 - 0.99) * (math.cos(math.pi * iteration / total) + 1) / 2
     np.testing.assert_allclose(float(m(schedules.last_batch_of_cycle(k * accum, accum))),
                                release, rtol=0, atol=1e-7)
+
+
+def _mmcv_poly_with_linear_warmup(i, base, min_lr, total, warmup, ratio=1e-6, power=1.0):
+  """mmcv's PolyLrUpdaterHook.get_lr, then LrUpdaterHook.get_warmup_lr('linear') on it."""
+  regular = (base - min_lr) * (1 - i / total) ** power + min_lr
+  if i >= warmup:
+    return regular
+  k = (1 - i / warmup) * (1 - ratio)
+  return regular * (1 - k)
+
+
+def test_poly_schedule_is_mmcv_poly_with_linear_warmup():
+  lr = schedules.warmup_poly(peak=1e-4, end=0.0, warmup_steps=1500, total_steps=160_000)
+  for i in (0, 1, 700, 1499, 1500, 1501, 80_000, 159_999, 160_000):
+    np.testing.assert_allclose(float(lr(i)), _mmcv_poly_with_linear_warmup(
+        i, 1e-4, 0.0, 160_000, 1500), rtol=1e-5, atol=1e-12)
+  assert float(lr(0)) == pytest.approx(1e-10, rel=1e-3)  # warmup_ratio x peak, not zero
+  power2 = schedules.warmup_poly(peak=2.0, end=0.5, warmup_steps=0, total_steps=10, power=2.0)
+  np.testing.assert_allclose([float(power2(i)) for i in (0, 5, 10, 20)],
+                             [2.0, 0.5 + 1.5 * 0.25, 0.5, 0.5], rtol=1e-6)
+
+
+def test_optimizer_schedule_kind_and_absolute_lr():
+  config = tiny_config()
+  config.optim.lr = 3e-4  # as is: not scaled by the batch size
+  config.optim.schedule = "poly"
+  config.optim.warmup_steps = 0
+  counts = schedules.step_counts(config, None)
+  assert schedules.peak_learning_rate(config) == 3e-4
+  lr = schedules.optimizer_lr_schedule(3e-4, 0.0, counts, "poly")
+  half = counts.train_steps // 2
+  np.testing.assert_allclose(float(lr(half)), 3e-4 * (1 - half / counts.train_steps), rtol=1e-5)
+  with pytest.raises(ValueError, match="'step'"):
+    schedules.optimizer_lr_schedule(3e-4, 0.0, counts, "step")

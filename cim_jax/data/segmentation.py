@@ -1,4 +1,4 @@
-"""Semantic segmentation data (docs/METHOD.md section 7): sources, mmseg-style geometry."""
+"""Semantic segmentation data (docs/METHOD.md section 9): sources, mmseg-style geometry."""
 
 import itertools
 

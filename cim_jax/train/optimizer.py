@@ -26,9 +26,18 @@ def weight_decay_mask(params, exempt: str = "1d"):
        for p, x in flat.items()})
 
 
+# Where a model keeps its ViT: at the top (classifier) or under 'backbone' (segmenter).
+ENCODER_ROOTS = ("backbone",)
+
+
+def _encoder_tree(params):
+  return next((params[k] for k in ENCODER_ROOTS if k in params), params)
+
+
 def layer_id(path: tuple[str, ...], depth: int) -> int:
-  """BEiT / MAE layer index: embeddings 0, block i -> i + 1, everything after -> depth + 1."""
-  name = path[0]
+  """BEiT / MAE layer index: embeddings 0, block i -> i + 1, everything after (final norm, the
+  classifier, a segmentation neck and heads) -> depth + 1."""
+  name = path[1] if path[0] in ENCODER_ROOTS and len(path) > 1 else path[0]
   if name in ("patch_embed", "cls_token", "pos_embed"):
     return 0
   if name.startswith("blocks_"):
@@ -62,7 +71,8 @@ def build_optimizer(config: ml_collections.ConfigDict, params, counts: schedules
   if o.grad_clip_norm < 0:
     raise ValueError(f"optim.grad_clip_norm must be >= 0 (0 disables), got {o.grad_clip_norm}")
   lr_schedule = schedules.optimizer_lr_schedule(schedules.peak_learning_rate(config), o.min_lr,
-                                               counts)
+                                               counts, o.get("schedule", "cosine"),
+                                               o.get("poly_power", 1.0))
   frozen = frozen_mask(params, bool(config.model.freeze_patch_embed))
   decay = weight_decay_mask(params, o.wd_exempt)
   parts = [
@@ -76,7 +86,7 @@ def build_optimizer(config: ml_collections.ConfigDict, params, counts: schedules
   if layer_decay != 1.0:
     # After the lr: the per-layer factor scales both the Adam step and the decoupled decay,
     # as a per-layer learning rate does in the PyTorch recipe.
-    depth = sum(1 for k in params if k.startswith("blocks_"))
+    depth = sum(1 for k in _encoder_tree(params) if k.startswith("blocks_"))
     scales = layerwise_lr_scales(params, depth, layer_decay)
     parts.append(optax.stateless(lambda updates, _: jax.tree.map(lambda u, s: u * s, updates,
                                                                  scales)))

@@ -62,7 +62,10 @@ def step_counts(config: ml_collections.ConfigDict, num_examples: int | None) -> 
 
 
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
-  """lr = base_lr * effective batch / 256, effective batch = global batch x accumulation (MAE rule)."""
+  """optim.lr when a recipe gives it as is (segmentation); else base_lr * effective batch / 256,
+  effective batch = global batch x accumulation (MAE rule)."""
+  if "lr" in config.optim:
+    return float(config.optim.lr)
   return config.optim.base_lr * config.batch_size * config.optim.accum_steps / 256.0
 
 
@@ -81,9 +84,33 @@ def warmup_cosine(peak: float, end: float, warmup_steps: int, total_steps: int):
   return schedule
 
 
-def optimizer_lr_schedule(peak: float, end: float, counts: StepCounts):
-  """lr of optimizer step k: warm-up + cosine over batches, evaluated at batch k * accum_steps."""
-  per_batch = warmup_cosine(peak, end, counts.warmup_steps, counts.train_steps)
+def warmup_poly(peak: float, end: float, warmup_steps: int, total_steps: int, power: float = 1.0,
+                warmup_ratio: float = 1e-6):
+  """mmcv's 'poly' policy with linear warm-up (mmseg's ADE20K recipes): the polynomial decay
+  (peak - end) (1 - step / total) ** power + end, scaled during the warm-up by
+  1 - (1 - step / warmup) (1 - warmup_ratio), as mmcv scales the decayed (not the peak) rate."""
+  warmup_steps, total_steps = int(warmup_steps), max(1, int(total_steps))
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    # Both factors in forms that keep float32 precision near their ends (1e-6, the last steps).
+    decayed = (peak - end) * (jnp.clip(total_steps - step, 0.0) / total_steps) ** power + end
+    warm = warmup_ratio + (1.0 - warmup_ratio) * step / max(warmup_steps, 1)
+    return jnp.where(step < warmup_steps, decayed * warm, decayed)
+
+  return schedule
+
+
+def optimizer_lr_schedule(peak: float, end: float, counts: StepCounts, kind: str = "cosine",
+                          power: float = 1.0):
+  """lr of optimizer step k: warm-up + cosine (or `kind` 'poly': `warmup_poly`) over batches,
+  evaluated at batch k * accum_steps."""
+  if kind not in ("cosine", "poly"):
+    raise ValueError(f"optim.schedule must be 'cosine' or 'poly', got {kind!r}")
+  if kind == "poly":
+    per_batch = warmup_poly(peak, end, counts.warmup_steps, counts.train_steps, power)
+  else:
+    per_batch = warmup_cosine(peak, end, counts.warmup_steps, counts.train_steps)
   accum = counts.accum_steps
 
   def schedule(optimizer_step):

@@ -62,7 +62,8 @@ def _local_copy(path: epath.Path):
 
 
 def load_warm_start(path: str, model, sharding):
-  """params and target_params (host trees) from a run's work dir, an authors' .pth or a .msgpack.
+  """params and target_params (host trees) from a run's work dir, an authors' .pth, a timm ViT
+  state dict (.pth / .safetensors: the encoder only) or a .msgpack.
 
   Any of them may be local or on gs:// (a .pth / .msgpack there is copied to a temp file first).
   """
@@ -74,8 +75,11 @@ def load_warm_start(path: str, model, sharding):
     with _local_copy(file) as local:
       if path.endswith(".msgpack"):
         return interop.load_params(local)
-      params, target_params, _ = interop.import_authors_state_dict(
-          interop.load_torch_state_dict(local), model)
+      state_dict = interop.load_torch_state_dict(local)
+    if interop.is_timm_state_dict(state_dict):  # an encoder alone: it stands for both copies
+      encoder = interop.encoder_from_timm(state_dict, model.encoder, blocks_only=True)
+      return {"params": {"encoder": encoder}, "target_params": {"encoder": encoder}}
+    params, target_params, _ = interop.import_authors_state_dict(state_dict, model)
     return {"params": params, "target_params": target_params}
   directory = epath.Path(path)
   if (directory / checkpoint_lib.CHECKPOINT_DIR).exists():
