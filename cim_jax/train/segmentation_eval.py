@@ -157,6 +157,13 @@ def window_matrix(spans: Sequence[tuple[int, int]], length: int, out_length: int
   return matrices
 
 
+def _support(matrix: np.ndarray) -> tuple[int, np.ndarray]:
+  """(first row, float32 rows) of `matrix` between its first and last row with a weight: the
+  output positions one window reaches."""
+  reached = np.flatnonzero(np.abs(matrix).sum(axis=1))
+  return int(reached[0]), matrix[reached[0]:reached[-1] + 1].astype(np.float32)
+
+
 def stitch_windows(window_logits: Sequence[np.ndarray], height: int, width: int, crop: int,
                    stride: int, out_size: tuple[int, int] | None = None,
                    patch_multiple: int = 16) -> np.ndarray:
@@ -174,15 +181,21 @@ def stitch_windows(window_logits: Sequence[np.ndarray], height: int, width: int,
     raise ValueError(f"stitch_windows: {len(window_logits)} window logits for "
                      f"{len(row_spans)} x {len(col_spans)} windows")
   logit_height, logit_width, num_classes = np.shape(window_logits[0])
-  rows = window_matrix(row_spans, height, out_height, logit_height, patch_multiple)
-  cols = window_matrix(col_spans, width, out_width, logit_width, patch_multiple)
-  cols = [c.astype(np.float32) for c in cols]
+  rows = [_support(m) for m in window_matrix(row_spans, height, out_height, logit_height,
+                                             patch_multiple)]
+  cols = [_support(m) for m in window_matrix(col_spans, width, out_width, logit_width,
+                                             patch_multiple)]
   out = np.zeros((out_height, out_width * num_classes), np.float32)
-  for r, row in enumerate(rows):
-    # Columns first: (h/k, w/k, C) -> (h/k, W0, C), summed over the row's windows.
-    partial = sum(np.matmul(col[None], np.asarray(window_logits[r * len(cols) + c], np.float32))
-                  for c, col in enumerate(cols))
-    out += row.astype(np.float32) @ partial.reshape(logit_height, -1)
+  for r, (row_start, row) in enumerate(rows):
+    # Columns first: (h/k, w/k, C) -> (h/k, W0, C), summed over the row's windows; one GEMM
+    # per window over the output columns it reaches.
+    partial = np.zeros((logit_height, out_width, num_classes), np.float32)
+    for c, (col_start, col) in enumerate(cols):
+      logits = np.asarray(window_logits[r * len(cols) + c], np.float32)
+      moved = col @ logits.transpose(1, 0, 2).reshape(logit_width, -1)
+      partial[:, col_start:col_start + len(col)] += moved.reshape(
+          len(col), logit_height, num_classes).transpose(1, 0, 2)
+    out[row_start:row_start + len(row)] += row @ partial.reshape(logit_height, -1)
   return out.reshape(out_height, out_width, num_classes)
 
 
