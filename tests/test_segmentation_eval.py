@@ -267,6 +267,11 @@ def test_three_processes_agree_on_batches_and_sum_to_one_process(monkeypatch):
   assert {shape[1:3] for shape in batch_shapes[0]} == {(32, 32), (16, 32), (32, 24), (8, 32)}
 
 
+def test_a_stride_longer_than_the_crop_is_named():
+  with pytest.raises(seg_eval.ConfigError, match=r"data.eval_stride=40 must be in \[1, "):
+    run_evaluate(make_records(), make_config(eval_stride=40))
+
+
 # ----------------------------------------------------------------------------------------------
 # Pictures.
 
@@ -285,3 +290,4 @@ def test_save_examples_writes_a_row_per_image(tmp_path):
   np.testing.assert_array_equal(picture[10, 96 + 4 + 90], [0, 0, 0])  # ignore: black
   np.testing.assert_array_equal(picture[10, 2 * (96 + 4) + 5], palette[0])
   assert len({tuple(c) for c in palette[:NUM_CLASSES]} | {(0, 0, 0)}) == NUM_CLASSES + 1
+

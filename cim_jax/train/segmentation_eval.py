@@ -14,6 +14,7 @@ from PIL import Image
 from cim_jax import sharding
 from cim_jax.data import segmentation
 from cim_jax.data.segmentation import IGNORE_INDEX, MEAN_RGB_UINT8
+from cim_jax.errors import ConfigError
 
 # Images of one process read, windowed and run per chunk, in batches of its rows: 4 batches'
 # worth of images bounds the host memory (windows, low-resolution logits) and the padded rows
@@ -27,7 +28,7 @@ _CHUNK_BATCHES = 4
 
 def confusion_matrix(prediction: np.ndarray, label: np.ndarray, num_classes: int,
                      ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-  """int64 (C, C) pixel counts, rows = ground truth, columns = prediction; ignored pixels skipped."""
+  """int64 (C, C) pixel counts: rows ground truth, columns prediction; ignored pixels skipped."""
   label = np.asarray(label).ravel().astype(np.int64)
   prediction = np.asarray(prediction).ravel().astype(np.int64)
   if label.shape != prediction.shape:
@@ -273,6 +274,36 @@ class _Image:
     self.logits = [None] * len(self.windows)
 
 
+def _run_windows(forward, images: Sequence[_Image], slots: int, rows: int,
+                 batch_sharding) -> None:
+  """Fills `item.logits` of this process's `images` (one chunk), batch by batch.
+
+  Every process sends (shape code, window count) of each of its `slots` images (zeros for none)
+  to one gather; from it each computes the same (shape, batch count) sequence: shapes in
+  increasing code, as many batches as the process with most windows of the shape needs. A
+  process out of windows of a shape feeds padding rows.
+  """
+  summary = np.zeros((slots, 2), np.int32)
+  for slot, item in enumerate(images):
+    summary[slot] = _shape_code(item.windows.shape[1:]), len(item.windows)
+  everyone = (np.asarray(multihost_utils.process_allgather(summary)) if jax.process_count() > 1
+              else summary[None])
+  for code in sorted(set(everyone[..., 0].ravel().tolist()) - {0}):
+    most = np.where(everyone[..., 0] == code, everyone[..., 1], 0).sum(axis=1).max()
+    owned = [(item, w) for item in images if _shape_code(item.windows.shape[1:]) == code
+             for w in range(len(item.windows))]
+    for batch in range(-(-int(most) // rows)):
+      part = owned[batch * rows:(batch + 1) * rows]
+      if part:
+        local = sharding.pad_rows(np.stack([item.windows[w] for item, w in part]), rows)
+      else:  # this process has no more windows of the shape: its rows are padding
+        local = np.broadcast_to(np.asarray(MEAN_RGB_UINT8, np.uint8),
+                                (rows, *divmod(code, _SHAPE_BASE), 3))
+      logits = _local_rows(forward(sharding.global_batch(local, batch_sharding)))
+      for (item, w), window_logits in zip(part, logits):
+        item.logits[w] = np.asarray(window_logits, np.float32)
+
+
 def evaluate(forward, records, config, batch_sharding, *, num_examples: int = 0,
              patch_multiple: int = 16) -> tuple[dict, list]:
   """(scores, examples) of mmseg's sliding-window evaluation over all devices and processes.
@@ -286,6 +317,9 @@ def evaluate(forward, records, config, batch_sharding, *, num_examples: int = 0,
   examples: (image, label, prediction) of process 0's first `num_examples` images.
   """
   d = config.data
+  if not 0 < d.eval_stride <= d.crop_size:
+    raise ConfigError(f"data.eval_stride={d.eval_stride} must be in [1, data.crop_size="
+                      f"{d.crop_size}]: windows would leave pixels out")
   num_classes = records.num_classes
   total = min(d.num_eval_images, len(records)) if d.num_eval_images > 0 else len(records)
   index, count = jax.process_index(), jax.process_count()
@@ -299,25 +333,7 @@ def evaluate(forward, records, config, batch_sharding, *, num_examples: int = 0,
   for chunk in range(num_chunks):
     images = [_Image(records[i], d, patch_multiple)
               for i in mine[chunk * per_chunk:(chunk + 1) * per_chunk]]
-    summary = np.zeros((per_chunk, 2), np.int32)
-    for slot, item in enumerate(images):
-      summary[slot] = _shape_code(item.windows.shape[1:]), len(item.windows)
-    everyone = (np.asarray(multihost_utils.process_allgather(summary)) if count > 1
-                else summary[None])
-    for code in sorted(set(everyone[..., 0].ravel()) - {0}):
-      counts = np.where(everyone[..., 0] == code, everyone[..., 1], 0).sum(axis=1)
-      owned = [(item, w) for item in images if _shape_code(item.windows.shape[1:]) == code
-               for w in range(len(item.windows))]
-      shape = (*divmod(int(code), _SHAPE_BASE), 3)
-      for batch in range(-(-int(counts.max()) // rows)):
-        part = owned[batch * rows:(batch + 1) * rows]
-        if part:
-          local = sharding.pad_rows(np.stack([item.windows[w] for item, w in part]), rows)
-        else:  # this process has no more windows of the shape: its rows are padding
-          local = np.broadcast_to(np.asarray(MEAN_RGB_UINT8, np.uint8), (rows, *shape))
-        logits = _local_rows(forward(sharding.global_batch(local, batch_sharding)))
-        for (item, w), window_logits in zip(part, logits):
-          item.logits[w] = np.asarray(window_logits, np.float32)
+    _run_windows(forward, images, per_chunk, rows, batch_sharding)
     for item in images:
       logits = stitch_windows(item.logits, *item.size, d.crop_size, d.eval_stride,
                               item.image.shape[:2], patch_multiple)
