@@ -108,6 +108,7 @@ def rescale_image(image: np.ndarray, scale: Sequence[int]) -> np.ndarray:
 
 
 def padded_length(length: int, multiple: int) -> int:
+  """`length` rounded up to a multiple of `multiple`."""
   return -(-length // multiple) * multiple
 
 
