@@ -1,4 +1,4 @@
-"""Semantic segmentation evaluation (docs/METHOD.md section 7): mmseg's sliding-window inference,
+"""Semantic segmentation evaluation (docs/METHOD.md section 9): mmseg's sliding-window inference,
 sharded over devices and processes, and mIoU / aAcc / mAcc from a confusion matrix."""
 
 import io
