@@ -425,12 +425,18 @@ def crop_box(label: np.ndarray, crop_size: int, cat_max_ratio: float,
   if cat_max_ratio < 1.0:
     for _ in range(CROP_TRIES):
       y0, y1, x0, x1 = box
-      counts = np.bincount(label[y0:y1, x0:x1].ravel(), minlength=256)[:IGNORE_INDEX]
-      counts = counts[counts > 0]
-      if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+      if crop_acceptable(label[y0:y1, x0:x1], cat_max_ratio):
         break
       box = draw()
   return box
+
+
+def crop_acceptable(label: np.ndarray, cat_max_ratio: float) -> bool:
+  """Whether a label crop has > 1 class and its largest class's share of the non-ignored
+  pixels is below cat_max_ratio (mmseg RandomCrop)."""
+  counts = np.bincount(label.ravel(), minlength=256)[:IGNORE_INDEX]
+  counts = counts[counts > 0]
+  return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
 
 
 def _affine_uint8(values: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
