@@ -77,11 +77,14 @@ def test_flip_mirrors_image_and_label_alike_and_changes_no_other_draw():
   label = _blocks(160, 240, block=20)
   record = {"image": PALETTE[label], "label": label}
   kept, flipped = (
-      _transform(crop_size=48, scale=(1024, 256), flip_prob=prob, photometric=False).random_map(
+      _transform(crop_size=48, scale=(1024, 256), flip_prob=prob).random_map(
           record, np.random.default_rng(3)) for prob in (0.0, 1.0))
   assert (kept["label"] != seg.IGNORE_INDEX).all()  # no padding: the whole crop mirrors
-  np.testing.assert_array_equal(flipped["image"], kept["image"][:, ::-1])
   np.testing.assert_array_equal(flipped["label"], kept["label"][:, ::-1])
+  # The photometric ops act per pixel, so they commute with the flip when they draw the same
+  # numbers; OpenCV's HSV conversion rounds a vectorised row's tail its own way (1 level).
+  difference = flipped["image"].astype(int) - kept["image"][:, ::-1]
+  assert np.abs(difference).max() <= 1 and np.mean(difference != 0) < 0.1
 
 
 def test_draw_scale_spans_the_ratio_range_and_rescale_follows_rescale_size():
@@ -90,9 +93,9 @@ def test_draw_scale_spans_the_ratio_range_and_rescale_follows_rescale_size():
   assert scales[:, 0].min() >= 1024 and scales[:, 0].max() <= 4096
   assert scales[:, 0].min() < 1100 and scales[:, 0].max() > 3950  # the whole range is drawn
   assert (np.abs(scales[:, 1] - scales[:, 0] / 4) < 1).all()  # one ratio, each side truncated
-  label = _blocks(50, 70, block=10)
+  label = _blocks(50, 70, block=10) * 40  # far apart: a blend of two labels is no label
   for scale in [(1024, 256), (4000, 1000), (300, 40)]:
-    image, resized = seg.rescale(PALETTE[label], label, scale)
+    image, resized = seg.rescale(PALETTE[label // 40], label, scale)
     assert resized.shape == seg.rescale_size(50, 70, scale) == image.shape[:2]
     assert set(np.unique(resized)) <= set(np.unique(label))  # nearest: no blended labels
 
@@ -304,6 +307,8 @@ def test_synthetic_is_deterministic_disjoint_and_exact():
 
 
 def test_disc_mask_is_the_analytic_disc_at_pixel_centres():
+  on_border = seg.shape_mask("disc", (5.5, 5.5, 3.0), 12, 12)  # pixel centre (8.5, 5.5) at r
+  assert on_border[8, 5] and not on_border[9, 5] and on_border.sum() == 29
   cy, cx, r = 10.3, 7.9, 5.2
   mask = seg.shape_mask("disc", (cy, cx, r), 20, 18)
   expected = [[(y + 0.5 - cy) ** 2 + (x + 0.5 - cx) ** 2 <= r * r for x in range(18)]
