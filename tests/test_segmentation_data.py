@@ -339,3 +339,13 @@ def test_train_dataset_batches_are_shaped_and_reproducible():
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
   assert not np.array_equal(first[0]["image"], batches(4)[0]["image"])
+
+
+def test_train_dataset_in_a_worker_process_matches_in_process():
+  config = ml_collections.ConfigDict(dict(seed=1, batch_size=2, data=_data()))
+  records, _ = seg.splits(config.data)
+  in_process = next(iter(seg.train_dataset(config, records)))
+  config.data.num_workers = 1  # records and transform are pickled to the worker
+  in_worker = next(iter(seg.train_dataset(config, records)))
+  np.testing.assert_array_equal(in_worker["image"], in_process["image"])
+  np.testing.assert_array_equal(in_worker["label"], in_process["label"])

@@ -9,6 +9,7 @@ import itertools
 import os
 from typing import Sequence
 
+from absl import flags
 import cv2
 import grain
 import jax
@@ -18,6 +19,7 @@ from PIL import Image
 
 from cim_jax import sharding
 from cim_jax.data import decode
+from cim_jax.data import pipeline
 from cim_jax.data import sources
 from cim_jax.errors import ConfigError
 
@@ -533,6 +535,11 @@ def train_dataset(config: ml_collections.ConfigDict, records) -> grain.IterDatas
   ds = ds.batch(sharding.process_batch_size(config.batch_size), drop_remainder=True)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
   if d.num_workers > 0:
+    # As pipeline.make_dataset: grain's workers read absl flags that our entry points never
+    # parse, and each worker runs OpenCV on one thread.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=d.num_workers, per_worker_buffer_size=d.worker_buffer_size))
+        num_workers=d.num_workers, per_worker_buffer_size=d.worker_buffer_size),
+        worker_init_fn=pipeline._init_worker)  # pylint: disable=protected-access
   return ds
