@@ -273,6 +273,16 @@ def test_tfds_fixture_reads_without_tensorflow_and_maps_labels():
   np.testing.assert_array_equal(copy[1]["label"], train[1]["label"])
 
 
+def test_tfds_errors_are_one_line(tmp_path):
+  with pytest.raises(ValueError, match="TFDS dataset 'no_such_dataset' not found") as error:
+    seg.TfdsSegmentation("no_such_dataset", "train", str(tmp_path))
+  assert "\n" not in str(error.value)
+  with pytest.raises(ValueError, match=r"has no \['segmentation'\] feature"):
+    seg.TfdsSegmentation("scene_parse150", "train", FIXTURE_DIR, label_key="segmentation")
+  with pytest.raises(ValueError, match="num_classes=151 but TFDS scene_parse150/train"):
+    seg.splits(_data(source="tfds", num_classes=151))
+
+
 def test_synthetic_is_deterministic_disjoint_and_exact():
   train, evaluation = seg.splits(_data(synthetic_train_images=8, synthetic_eval_images=4,
                                        num_eval_images=3))

@@ -167,7 +167,7 @@ class Ade20kFolder(SegmentationRecords):
     if not os.path.isdir(image_dir):
       raise ConfigError(f"ADE20K folder {root!r} has no images/{split} directory")
     stems = sorted(os.path.splitext(f)[0] for f in os.listdir(image_dir)
-                   if f.lower().endswith(".jpg") and not f.startswith("."))
+                   if f.endswith(".jpg") and not f.startswith("."))
     if not stems:
       raise ConfigError(f"no .jpg images in {image_dir!r}")
     for stem in stems:
