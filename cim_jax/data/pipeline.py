@@ -168,15 +168,20 @@ def make_dataset(config: ml_collections.ConfigDict, split: str = "train", *,
   # One thread per process keeps the prefetch buffer (whole batches) small; parallelism
   # comes from worker processes.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
-  if data.num_workers > 0:
-    # grain's worker start-up reads its absl flags; our entry points parse flags themselves
-    # (cim_jax.cli), so absl's defaults are declared final here.
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size),
-        worker_init_fn=_init_worker)
-  return ds.map(AccountSkips())
+  return in_workers(ds, data).map(AccountSkips())
+
+
+def in_workers(ds: grain.IterDataset, data: ml_collections.ConfigDict) -> grain.IterDataset:
+  """`ds` run in data.num_workers grain worker processes (0: as it is, in this process)."""
+  if data.num_workers <= 0:
+    return ds
+  # grain's worker start-up reads its absl flags; our entry points parse flags themselves
+  # (cim_jax.cli), so absl's defaults are declared final here.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return ds.mp_prefetch(grain.MultiprocessingOptions(
+      num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size),
+      worker_init_fn=_init_worker)
 
 
 def make_iterator(config: ml_collections.ConfigDict, split: str = "train",

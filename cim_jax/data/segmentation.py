@@ -9,7 +9,6 @@ import itertools
 import os
 from typing import Sequence
 
-from absl import flags
 import cv2
 import grain
 import jax
@@ -534,12 +533,4 @@ def train_dataset(config: ml_collections.ConfigDict, records) -> grain.IterDatas
   ds = ds.seed(config.seed).shuffle().repeat().random_map(TrainTransform.from_config(d))
   ds = ds.batch(sharding.process_batch_size(config.batch_size), drop_remainder=True)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
-  if d.num_workers > 0:
-    # As pipeline.make_dataset: grain's workers read absl flags that our entry points never
-    # parse, and each worker runs OpenCV on one thread.
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=d.num_workers, per_worker_buffer_size=d.worker_buffer_size),
-        worker_init_fn=pipeline._init_worker)  # pylint: disable=protected-access
-  return ds
+  return pipeline.in_workers(ds, d)

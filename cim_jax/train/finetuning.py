@@ -15,6 +15,7 @@ from etils import epath
 from cim_jax import sharding
 from cim_jax.data import augment
 from cim_jax.data import labelled
+from cim_jax.data import pipeline
 from cim_jax.errors import ConfigError
 from cim_jax.models import cim
 from cim_jax.models import vit
@@ -77,10 +78,7 @@ def train_dataset(config, source: labelled.LabelledRecords) -> grain.IterDataset
   ds = ds.seed(config.seed).shuffle().repeat().random_map(_TrainMap(augmentation))
   ds = ds.batch(sharding.process_batch_size(config.batch_size), drop_remainder=True)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
-  if d.num_workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=d.num_workers, per_worker_buffer_size=d.worker_buffer_size))
-  return ds
+  return pipeline.in_workers(ds, d)
 
 
 def evaluate(eval_step, params, source: labelled.LabelledRecords, config,
