@@ -156,7 +156,7 @@ def load_flax_variables(model: TorchSegmenter, variables) -> TorchSegmenter:
   for key, tensor in model.state_dict().items():
     if key.endswith("num_batches_tracked"):
       state[key] = tensor
-  model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+  model.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in state.items()}, strict=True)
   return model
 
 
