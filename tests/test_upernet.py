@@ -104,12 +104,24 @@ def test_resampling_matches_torch(in_size, out_size):
   np.testing.assert_allclose(pooled, theirs.permute(0, 2, 3, 1).numpy(), atol=1e-6)
 
 
-def test_conv_forms_agree():
+def test_conv_forms_agree_with_gradients():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 7, 9, 5)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(3, 3, 5, 4)), jnp.float32)
-  np.testing.assert_allclose(upernet.conv2d_same(x, kernel, "shifted"),
-                             upernet.conv2d_same(x, kernel, "xla"), rtol=1e-5, atol=1e-5)
+  weights = jnp.asarray(rng.normal(size=(2, 7, 9, 4)), jnp.float32)
+  theirs = F.conv2d(torch.from_numpy(np.array(x)).permute(0, 3, 1, 2),
+                    torch.from_numpy(np.array(kernel)).permute(3, 2, 0, 1), padding=1)
+  for impl in ("xla", "split_grad", "shifted", "auto"):
+    loss = lambda x, k, impl=impl: jnp.sum(upernet.conv2d_same(x, k, impl) * weights)
+    np.testing.assert_allclose(upernet.conv2d_same(x, kernel, impl),
+                               theirs.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
+    grads = jax.grad(loss, argnums=(0, 1))(x, kernel)
+    expected = jax.grad(lambda x, k: jnp.sum(jax.lax.conv_general_dilated(
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) * weights),
+                        argnums=(0, 1))(x, kernel)
+    for ours, reference in zip(grads, expected):
+      np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5, err_msg=impl)
+  assert upernet.resolve_conv_impl("auto") == "split_grad"  # tests run on the CPU
   with pytest.raises(ConfigError, match="conv_impl"):
     upernet.build_segmenter(model_config(), seg_config(conv_impl="winograd"), 3)
 

@@ -20,9 +20,13 @@ from cim_jax.models import vit
 # never import each other).
 IGNORE_INDEX = 255
 
-# The conv forms of `conv2d_same`: 'xla' (lax.conv_general_dilated, the backends' own kernels) and
-# 'shifted' (one matmul per kernel tap over a shifted view of the input, summed).
-CONV_IMPLS = ("xla", "shifted")
+# The conv forms of `conv2d_same`. 'xla': lax.conv_general_dilated differentiated by JAX, the
+# backends' own kernels. 'split_grad': the same forward; the input gradient as a forward conv with
+# the flipped kernel and the kernel gradient as one matmul per tap over shifted input views (on
+# XLA:CPU the autodiff forms of both run at about half the forward's FLOP rate,
+# docs/BENCHMARKS.md). 'shifted': forward too as one matmul per tap. 'auto': 'split_grad' on CPU,
+# 'xla' elsewhere.
+CONV_IMPLS = ("auto", "xla", "split_grad", "shifted")
 
 # mmcv's ConvModule init: kaiming normal, fan_out, ReLU gain; conv_seg: normal(0.01), zero bias.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -98,21 +102,62 @@ def adaptive_avg_pool(x, scale: int):
 # Layers.
 
 
-def conv2d_same(x, kernel, impl: str = "xla"):
-  """Stride-1 convolution of (B, H, W, C) with an odd (k, k, C, O) kernel, zero 'same' padding."""
-  size = kernel.shape[0]
-  if size == 1:
-    return jnp.dot(x, kernel[0, 0])
-  if impl == "xla":
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  if impl != "shifted":
-    raise ConfigError(f"segmentation.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+def _xla_conv(x, kernel):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _shifted_views(x, size: int):
+  """The k*k (B, H, W, C) windows of x zero-padded by k // 2, tap (i, j) at index i * k + j."""
   pad = size // 2
   height, width = x.shape[1:3]
   padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  taps = [jnp.dot(padded[:, i:i + height, j:j + width], kernel[i, j])
-          for i in range(size) for j in range(size)]
+  return [padded[:, i:i + height, j:j + width] for i in range(size) for j in range(size)]
+
+
+@jax.custom_vjp
+def _split_grad_conv(x, kernel):
+  return _xla_conv(x, kernel)
+
+
+def _split_grad_forward(x, kernel):
+  return _xla_conv(x, kernel), (x, kernel)
+
+
+def _split_grad_backward(residuals, grad):
+  x, kernel = residuals
+  size = kernel.shape[0]
+  # d/dx of a 'same' stride-1 conv: the conv of grad with the flipped, in/out-swapped kernel.
+  grad_x = _xla_conv(grad, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+  contract_pixels = (((0, 1, 2), (0, 1, 2)), ((), ()))
+  grad_kernel = jnp.stack([jax.lax.dot_general(view, grad, contract_pixels)
+                           for view in _shifted_views(x, size)])
+  return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_split_grad_conv.defvjp(_split_grad_forward, _split_grad_backward)
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """'auto' -> 'split_grad' on the CPU backend, 'xla' elsewhere; others unchanged (validated)."""
+  if impl not in CONV_IMPLS:
+    raise ConfigError(f"segmentation.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return "split_grad" if jax.default_backend() == "cpu" else "xla"
+  return impl
+
+
+def conv2d_same(x, kernel, impl: str = "xla"):
+  """Stride-1 convolution of (B, H, W, C) with an odd (k, k, C, O) kernel, zero 'same' padding."""
+  impl = resolve_conv_impl(impl)
+  if kernel.shape[0] == 1:
+    return jnp.dot(x, kernel[0, 0])
+  if impl == "xla":
+    return _xla_conv(x, kernel)
+  if impl == "split_grad":
+    return _split_grad_conv(x, kernel)
+  taps = [jnp.dot(view, tap) for view, tap in zip(_shifted_views(x, kernel.shape[0]),
+                                                  kernel.reshape(-1, *kernel.shape[2:]))]
   return sum(taps[1:], taps[0])
 
 
@@ -284,7 +329,7 @@ class Segmenter(nn.Module):
   pool_scales: tuple[int, ...] = (1, 2, 3, 6)
   aux_channels: int = 256
   dropout: float = 0.1
-  conv_impl: str = "xla"
+  conv_impl: str = "xla"  # see CONV_IMPLS
 
   @nn.compact
   def __call__(self, images, *, train: bool):
@@ -307,9 +352,7 @@ def build_segmenter(model_config, seg_config, num_classes: int) -> Segmenter:
   """The Segmenter of `config.model` (the pre-training encoder) and `config.segmentation`."""
   backbone = vit.encoder_from_config(model_config, pool="none", keep_block_outputs=True,
                                      final_norm=False)
-  conv_impl = str(seg_config.get("conv_impl", "xla"))
-  if conv_impl not in CONV_IMPLS:
-    raise ConfigError(f"segmentation.conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+  conv_impl = resolve_conv_impl(str(seg_config.get("conv_impl", "auto")))
   return Segmenter(
       backbone=backbone, num_classes=int(num_classes),
       blocks=feature_blocks(backbone.depth, tuple(seg_config.get("feature_blocks", ()) or ())),
