@@ -336,6 +336,9 @@ class VisionTransformer(nn.Module):
   attention_impl: Optional[str] = None  # None: JAX's choice (XLA); 'cudnn': fused GPU kernel
   keep_block_outputs: bool = False  # intermediates['blocks']: every block's output tokens
   approximate_gelu: bool = False  # tanh GELU (not the recipe, see Mlp); False: exact, as timm
+  # False: no final LayerNorm ('norm') on the tokens (pool 'none' / 'tok'), e.g. a segmentation
+  # backbone that reads block outputs only, so it holds no parameter without a gradient.
+  final_norm: bool = True
 
   @nn.compact
   def __call__(self, images, *, cls_token=None, train: bool = False):
@@ -376,7 +379,7 @@ class VisionTransformer(nn.Module):
       intermediates["tokens"] = x
       out = norm(name="fc_norm")(x[:, 1:].mean(axis=1))
     else:
-      x = norm(name="norm")(x)
+      x = norm(name="norm")(x) if self.final_norm else x
       intermediates["tokens"] = x
       out = x[:, 0] if self.pool == "tok" else x
     intermediates["pre_logits"] = out

@@ -1,0 +1,385 @@
+"""ViT backbone + feature pyramid + UperNet decode head + FCN auxiliary head (docs/METHOD.md §7).
+
+mmsegmentation semantics throughout: ConvModule = conv without bias + BatchNorm (torch's
+eps 1e-5, momentum 0.1) + ReLU; every resize is bilinear with align_corners=False; the decode
+heads end in channel dropout (Dropout2d) and a 1x1 classifier with bias.
+"""
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cim_jax.errors import ConfigError
+from cim_jax.models import vit
+
+# mmseg's ignore label; the same value as cim_jax.data.segmentation.IGNORE_INDEX (models and data
+# never import each other).
+IGNORE_INDEX = 255
+
+# The conv forms of `conv2d_same`. 'xla': lax.conv_general_dilated differentiated by JAX, the
+# backends' own kernels. 'split_grad': the same forward; the input gradient as a forward conv with
+# the flipped kernel and the kernel gradient as one matmul per tap over shifted input views (on
+# XLA:CPU the autodiff forms of both run at about half the forward's FLOP rate,
+# docs/BENCHMARKS.md). 'shifted': forward too as one matmul per tap. 'auto': 'split_grad' on CPU,
+# 'xla' elsewhere.
+CONV_IMPLS = ("auto", "xla", "split_grad", "shifted")
+
+# mmcv's ConvModule init: kaiming normal, fan_out, ReLU gain; conv_seg: normal(0.01), zero bias.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+classifier_init = nn.initializers.normal(0.01)
+
+
+def feature_blocks(depth: int, configured: Sequence[int] = ()) -> tuple[int, ...]:
+  """1-based blocks whose outputs feed the pyramid: `configured`, else depth/3, /2, 2/3, depth.
+
+  12 -> (4, 6, 8, 12) as BEiT/MAE's ViT-B; 24 -> (8, 12, 16, 24); tiny depths clamp to >= 1.
+  """
+  if configured:
+    blocks = tuple(int(b) for b in configured)
+    if len(blocks) != 4 or not all(1 <= b <= depth for b in blocks):
+      raise ConfigError(f"segmentation.feature_blocks must be 4 block numbers in 1..{depth}, "
+                        f"got {tuple(configured)}")
+    return blocks
+  # Half-up rounding (Python's round() would send 4.5 to 4).
+  return tuple(max(1, int(math.floor(depth * f + 0.5))) for f in (1 / 3, 1 / 2, 2 / 3)) + (depth,)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resampling as small constant matrices: exact torch semantics, and plain matmuls on every backend.
+
+
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) matrix of torch's F.interpolate(mode='bilinear', align_corners=False) on one axis."""
+  # torch (CPU, float32): scale = in / out, source = scale * (i + 0.5) - 0.5 clamped at 0, the
+  # upper tap clamped at the last pixel.
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = np.maximum(scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5))
+                   - np.float32(0.5), np.float32(0.0))
+  low = np.minimum(np.floor(src).astype(int), in_size - 1)
+  high = np.minimum(low + 1, in_size - 1)
+  frac = (src - low).astype(np.float64)
+  matrix = np.zeros((out_size, in_size), np.float64)
+  np.add.at(matrix, (np.arange(out_size), low), 1.0 - frac)
+  np.add.at(matrix, (np.arange(out_size), high), frac)
+  return matrix.astype(np.float32)
+
+
+def adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) matrix of torch's AdaptiveAvgPool on one axis: bin i averages
+  [floor(i * in / out), ceil((i + 1) * in / out)), bins overlapping where out does not divide in."""
+  matrix = np.zeros((out_size, in_size), np.float64)
+  for i in range(out_size):
+    start, end = (i * in_size) // out_size, -((-(i + 1) * in_size) // out_size)
+    matrix[i, start:end] = 1.0 / (end - start)
+  return matrix.astype(np.float32)
+
+
+def resample(x, rows: np.ndarray, cols: np.ndarray):
+  """(B, H, W, C) -> (B, h, w, C) with (h, H) row and (w, W) column matrices."""
+  x = jnp.einsum("oh,bhwc->bowc", jnp.asarray(rows, x.dtype), x)
+  return jnp.einsum("pw,bowc->bopc", jnp.asarray(cols, x.dtype), x)
+
+
+def resize_bilinear(x, size: Sequence[int]):
+  """(B, H, W, C) -> (B, *size, C), torch bilinear with align_corners=False (mmseg's `resize`)."""
+  height, width = x.shape[1:3]
+  if (height, width) == tuple(size):
+    return x
+  return resample(x, bilinear_matrix(height, size[0]), bilinear_matrix(width, size[1]))
+
+
+def adaptive_avg_pool(x, scale: int):
+  """(B, H, W, C) -> (B, scale, scale, C), torch's F.adaptive_avg_pool2d."""
+  return resample(x, adaptive_pool_matrix(x.shape[1], scale),
+                  adaptive_pool_matrix(x.shape[2], scale))
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers.
+
+
+def _xla_conv(x, kernel):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _shifted_views(x, size: int):
+  """The k*k (B, H, W, C) windows of x zero-padded by k // 2, tap (i, j) at index i * k + j."""
+  pad = size // 2
+  height, width = x.shape[1:3]
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  return [padded[:, i:i + height, j:j + width] for i in range(size) for j in range(size)]
+
+
+@jax.custom_vjp
+def _split_grad_conv(x, kernel):
+  return _xla_conv(x, kernel)
+
+
+def _split_grad_forward(x, kernel):
+  return _xla_conv(x, kernel), (x, kernel)
+
+
+def _split_grad_backward(residuals, grad):
+  x, kernel = residuals
+  size = kernel.shape[0]
+  # d/dx of a 'same' stride-1 conv: the conv of grad with the flipped, in/out-swapped kernel.
+  grad_x = _xla_conv(grad, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+  contract_pixels = (((0, 1, 2), (0, 1, 2)), ((), ()))
+  grad_kernel = jnp.stack([jax.lax.dot_general(view, grad, contract_pixels)
+                           for view in _shifted_views(x, size)])
+  return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_split_grad_conv.defvjp(_split_grad_forward, _split_grad_backward)
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """'auto' -> 'split_grad' on the CPU backend, 'xla' elsewhere; others unchanged (validated)."""
+  if impl not in CONV_IMPLS:
+    raise ConfigError(f"segmentation.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return "split_grad" if jax.default_backend() == "cpu" else "xla"
+  return impl
+
+
+def conv2d_same(x, kernel, impl: str = "xla"):
+  """Stride-1 convolution of (B, H, W, C) with an odd (k, k, C, O) kernel, zero 'same' padding."""
+  impl = resolve_conv_impl(impl)
+  if kernel.shape[0] == 1:
+    return jnp.dot(x, kernel[0, 0])
+  if impl == "xla":
+    return _xla_conv(x, kernel)
+  if impl == "split_grad":
+    return _split_grad_conv(x, kernel)
+  taps = [jnp.dot(view, tap) for view, tap in zip(_shifted_views(x, kernel.shape[0]),
+                                                  kernel.reshape(-1, *kernel.shape[2:]))]
+  return sum(taps[1:], taps[0])
+
+
+class Conv(nn.Module):
+  """Stride-1 'same' k x k convolution (torch Conv2d(k, padding=k // 2)); kernel (k, k, in, out)."""
+  features: int
+  kernel_size: int = 1
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  impl: str = "xla"
+  kernel_init: Any = conv_init
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
+                        jnp.float32)
+    y = conv2d_same(x.astype(self.dtype), kernel.astype(self.dtype), self.impl)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32
+                         ).astype(self.dtype)
+    return y
+
+
+class BatchNorm(nn.Module):
+  """torch BatchNorm2d over (B, H, W, C): statistics in float32, over every axis but channels.
+
+  Training normalises with the biased batch variance and tracks the unbiased one, as torch does
+  (flax's nn.BatchNorm tracks the biased one). In a jitted step over globally sharded arrays the
+  batch mean is the global one: mmseg's SyncBN.
+  """
+  momentum: float = 0.9  # flax convention: torch momentum 0.1
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      mean = x32.mean(axes)
+      var = jnp.square(x32 - mean).mean(axes)
+      if not self.is_initializing():
+        count = x.size // features
+        unbiased = var * (count / max(count - 1, 1))
+        running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+        running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
+    else:
+      mean, var = running_mean.value, running_var.value
+    multiplier = scale * jax.lax.rsqrt(var + self.epsilon)
+    return (x32 * multiplier + (bias - mean * multiplier)).astype(self.dtype)
+
+
+class ConvModule(nn.Module):
+  """mmcv ConvModule: conv without bias -> BatchNorm -> ReLU."""
+  features: int
+  kernel_size: int = 1
+  dtype: Any = jnp.float32
+  conv_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = Conv(self.features, self.kernel_size, dtype=self.dtype, impl=self.conv_impl,
+             name="conv")(x)
+    return nn.relu(BatchNorm(dtype=self.dtype, name="bn")(x, train))
+
+
+class Deconv2x2(nn.Module):
+  """torch ConvTranspose2d(kernel 2, stride 2) as one matmul to 4 x out channels and a pixel
+  shuffle; kernel (2, 2, in, out) = torch weight.permute(2, 3, 0, 1)."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    # torch's default init: uniform(+-1 / sqrt(fan_in)), fan_in = out channels x 2 x 2 here.
+    bound = 1.0 / math.sqrt(4 * self.features)
+    init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+    kernel = self.param("kernel", init, (2, 2, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", init, (self.features,), jnp.float32)
+    batch, height, width, _ = x.shape
+    y = jnp.einsum("bhwc,ijco->bhiwjo", x.astype(self.dtype), kernel.astype(self.dtype))
+    return y.reshape(batch, 2 * height, 2 * width, self.features) + bias.astype(self.dtype)
+
+
+class Pyramid(nn.Module):
+  """BEiT/MAE segmentation neck: four same-size maps -> strides 4, 8, 16, 32 (x4, x2, x1, /2)."""
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, maps, train: bool):
+    width = maps[0].shape[-1]
+    x = Deconv2x2(width, self.dtype, name="fpn1_0")(maps[0])
+    x = vit.exact_gelu(BatchNorm(dtype=self.dtype, name="fpn1_1")(x, train))
+    level0 = Deconv2x2(width, self.dtype, name="fpn1_3")(x)
+    level1 = Deconv2x2(width, self.dtype, name="fpn2_0")(maps[1])
+    level3 = nn.max_pool(maps[3].astype(self.dtype), (2, 2), strides=(2, 2))
+    return [level0, level1, maps[2].astype(self.dtype), level3]
+
+
+class Classifier(nn.Module):
+  """mmseg BaseDecodeHead.cls_seg: Dropout2d (whole channels) -> 1x1 conv with bias, float32."""
+  num_classes: int
+  dropout: float = 0.1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)(x)
+    logits = Conv(self.num_classes, 1, use_bias=True, dtype=self.dtype,
+                  kernel_init=classifier_init, name="conv_seg")(x)
+    return logits.astype(jnp.float32)
+
+
+class UperHead(nn.Module):
+  """mmseg UPerHead: pyramid pooling on the last level, FPN top-down, fused at the first level."""
+  num_classes: int
+  channels: int = 512
+  pool_scales: tuple[int, ...] = (1, 2, 3, 6)
+  dropout: float = 0.1
+  dtype: Any = jnp.float32
+  conv_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, levels, train: bool):
+    conv = lambda k, name: ConvModule(self.channels, k, self.dtype, self.conv_impl, name=name)
+    top = levels[-1]
+    pooled = [resize_bilinear(conv(1, f"psp_modules_{i}")(adaptive_avg_pool(top, scale), train),
+                              top.shape[1:3])
+              for i, scale in enumerate(self.pool_scales)]
+    psp = conv(3, "bottleneck")(jnp.concatenate([top] + pooled, axis=-1), train)
+    laterals = [conv(1, f"lateral_convs_{i}")(x, train) for i, x in enumerate(levels[:-1])]
+    laterals.append(psp)
+    for i in range(len(laterals) - 1, 0, -1):
+      laterals[i - 1] = laterals[i - 1] + resize_bilinear(laterals[i], laterals[i - 1].shape[1:3])
+    outs = [conv(3, f"fpn_convs_{i}")(x, train) for i, x in enumerate(laterals[:-1])]
+    outs.append(laterals[-1])
+    size = outs[0].shape[1:3]
+    fused = jnp.concatenate([resize_bilinear(x, size) for x in outs], axis=-1)
+    features = conv(3, "fpn_bottleneck")(fused, train)
+    return Classifier(self.num_classes, self.dropout, self.dtype, name="cls")(features, train)
+
+
+class FCNHead(nn.Module):
+  """mmseg FCNHead(num_convs=1, concat_input=False): 3x3 ConvModule -> classifier."""
+  num_classes: int
+  channels: int = 256
+  dropout: float = 0.1
+  dtype: Any = jnp.float32
+  conv_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = ConvModule(self.channels, 3, self.dtype, self.conv_impl, name="convs_0")(x, train)
+    return Classifier(self.num_classes, self.dropout, self.dtype, name="cls")(x, train)
+
+
+class Segmenter(nn.Module):
+  """ViT -> pyramid -> UperNet logits at stride 4 and FCN auxiliary logits at stride 16."""
+  backbone: vit.VisionTransformer
+  num_classes: int
+  blocks: tuple[int, ...] = (4, 6, 8, 12)  # 1-based, see `feature_blocks`
+  channels: int = 512
+  pool_scales: tuple[int, ...] = (1, 2, 3, 6)
+  aux_channels: int = 256
+  dropout: float = 0.1
+  conv_impl: str = "xla"  # see CONV_IMPLS
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    """Normalised images (B, H, W, 3) -> (logits (B, H/4, W/4, C) float32, intermediates)."""
+    _, backbone_out = self.backbone(images, train=train)
+    patch = self.backbone.patch_size
+    batch, height, width = images.shape[:3]
+    grid = (height // patch, width // patch)
+    maps = [backbone_out["blocks"][b - 1][:, 1:].reshape(batch, *grid, -1) for b in self.blocks]
+    dtype = self.backbone.dtype
+    levels = Pyramid(dtype, name="neck")(maps, train)
+    logits = UperHead(self.num_classes, self.channels, tuple(self.pool_scales), self.dropout,
+                      dtype, self.conv_impl, name="decode_head")(levels, train)
+    aux_logits = FCNHead(self.num_classes, self.aux_channels, self.dropout, dtype,
+                         self.conv_impl, name="auxiliary_head")(levels[2], train)
+    return logits, {"aux_logits": aux_logits}
+
+
+def build_segmenter(model_config, seg_config, num_classes: int) -> Segmenter:
+  """The Segmenter of `config.model` (the pre-training encoder) and `config.segmentation`."""
+  backbone = vit.encoder_from_config(model_config, pool="none", keep_block_outputs=True,
+                                     final_norm=False)
+  conv_impl = resolve_conv_impl(str(seg_config.get("conv_impl", "auto")))
+  return Segmenter(
+      backbone=backbone, num_classes=int(num_classes),
+      blocks=feature_blocks(backbone.depth, tuple(seg_config.get("feature_blocks", ()) or ())),
+      channels=int(seg_config.channels), pool_scales=tuple(int(s) for s in seg_config.pool_scales),
+      aux_channels=int(seg_config.aux_channels), dropout=float(seg_config.dropout),
+      conv_impl=conv_impl)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss.
+
+
+def pixel_cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX):
+  """Softmax CE of logits (B, h, w, C) resized bilinearly to labels (B, H, W); pixels labelled
+  ignore_index add 0, and the sum is divided by ALL B*H*W pixels (mmseg's default
+  avg_non_ignore=False), not by the valid ones."""
+  labels = labels.astype(jnp.int32)
+  logits = resize_bilinear(logits.astype(jnp.float32), labels.shape[1:3])
+  valid = labels != ignore_index
+  target = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+  nll = jax.nn.logsumexp(logits, axis=-1) - target
+  return jnp.sum(jnp.where(valid, nll, 0.0)) / labels.size
+
+
+def segmentation_loss(logits, aux_logits, labels, *, aux_weight: float = 0.4,
+                      ignore_index: int = IGNORE_INDEX):
+  """decode CE + aux_weight * auxiliary CE -> (loss, {'decode_loss', 'aux_loss'})."""
+  decode = pixel_cross_entropy(logits, labels, ignore_index)
+  aux = pixel_cross_entropy(aux_logits, labels, ignore_index)
+  return decode + aux_weight * aux, {"decode_loss": decode, "aux_loss": aux}
