@@ -17,6 +17,8 @@ from cim_jax.train import segmentation
 from train_fixtures import REPO, read_checkpoint, recipe, subprocess_env
 from train_fixtures import tiny_config as pretrain_config
 
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 NUM_CLASSES = len(data_lib.SYNTHETIC_CLASSES)
 
 
@@ -57,6 +59,9 @@ def memorise(config, monkeypatch):
   d.photometric = False
   d.flip_prob = 0.0
   config.segmentation.dropout = 0.0
+  config.optim.lr = 1e-2
+  config.optim.layer_decay = 1.0
+  config.optim.weight_decay = 0.0
 
 
 def logged(workdir):
@@ -66,23 +71,26 @@ def logged(workdir):
 
 
 def test_overfits_eight_images_and_restores_the_same_miou(tmp_path, monkeypatch):
-  config = tiny_config(steps=150)
+  config = tiny_config(steps=200)
   memorise(config, monkeypatch)
   result = segmentation.segment(config, str(tmp_path))
   assert result["last_mIoU"] >= 90.0, result
   assert result["best_mIoU"] >= result["last_mIoU"]
-  assert (tmp_path / segmentation.EXAMPLES_DIR / "step_150.png").is_file()
+  assert (tmp_path / segmentation.EXAMPLES_DIR / "step_200.png").is_file()
   restored = segmentation.segment(config, str(tmp_path), eval_only=True)
-  assert restored["step"] == 150 and restored["mIoU"] == result["last_mIoU"]
+  assert restored["step"] == 200 and restored["mIoU"] == result["last_mIoU"]
 
 
-def test_resume_is_exact(tmp_path):
+def test_resume_is_exact(tmp_path, monkeypatch):
+  """Stopped after step 2 (as a preemption stops it) and resumed: the run of 4 steps, exactly."""
   config = tiny_config(steps=4)
   config.checkpoint_every_steps = 2
+  config.data.num_workers = 0
   straight = segmentation.segment(config, str(tmp_path / "a"))
-  config.num_train_steps = 2
-  segmentation.segment(config, str(tmp_path / "b"))
-  config.num_train_steps = 4
+  with monkeypatch.context() as patch:
+    patch.setattr(loop._Preemption, "reached", lambda self, step: step == 2)  # pylint: disable=protected-access
+    stopped = segmentation.segment(config, str(tmp_path / "b"))
+  assert stopped["step"] == 2 and "last_mIoU" not in stopped
   resumed = segmentation.segment(config, str(tmp_path / "b"))
   assert resumed == straight
   assert logged(tmp_path / "a")[-1] == logged(tmp_path / "b")[-1]

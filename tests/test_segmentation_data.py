@@ -100,6 +100,28 @@ def test_draw_scale_spans_the_ratio_range_and_rescale_follows_rescale_size():
     assert set(np.unique(resized)) <= set(np.unique(label))  # nearest: no blended labels
 
 
+@pytest.mark.parametrize("shape,scale", [((250, 400), (256, 100)), ((96, 64), (512, 160)),
+                                         ((171, 333), (2048, 512))])
+def test_rescaled_label_is_sampled_at_the_pixel_centres_the_image_is(shape, scale):
+  """Label pixel (i, j) of the rescaled map is the source label under that pixel's centre
+  ((i + 0.5) * step in source coordinates), where the bilinear image is centred too; sampling
+  at floor(i * step) would move every edge by up to half a source pixel against the image."""
+  rng = np.random.default_rng(0)
+  label = rng.integers(0, 150, shape).astype(np.uint8)
+  image = np.zeros(shape + (3,), np.uint8)
+  _, rescaled = seg.rescale(image, label, scale)
+  height, width = seg.rescale_size(*shape, scale)
+  # A centre exactly on a source pixel boundary may take either neighbour (OpenCV: the lower).
+  centres = lambda n, m: (np.arange(n) + 0.5) * m / n
+  below = lambda c: np.clip(np.ceil(c).astype(int) - 1, 0, None)
+  row_c, col_c = centres(height, shape[0]), centres(width, shape[1])
+  matches = np.zeros((height, width), bool)
+  for rows in (np.floor(row_c).astype(int), below(row_c)):
+    for cols in (np.floor(col_c).astype(int), below(col_c)):
+      matches |= rescaled == label[rows][:, cols]
+  assert matches.all(), f"{(~matches).sum()} label pixels are not the source pixel at the centre"
+
+
 def test_crop_acceptable_ignores_255_and_needs_two_classes():
   crop = np.full((10, 10), seg.IGNORE_INDEX, np.uint8)
   crop[:, :4] = 0  # 40 pixels of class 0

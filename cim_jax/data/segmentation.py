@@ -401,10 +401,13 @@ def draw_scale(scale: Sequence[int], ratio_range: Sequence[float], rng: np.rando
 
 def rescale(image: np.ndarray, label: np.ndarray, scale: Sequence[int]
             ) -> tuple[np.ndarray, np.ndarray]:
-  """Keep-ratio rescale to `scale` (`rescale_size`): image bilinear, label nearest (mmcv)."""
+  """Keep-ratio rescale to `scale` (`rescale_size`): image bilinear, label nearest."""
   height, width = rescale_size(*label.shape, scale)
+  # The label's nearest neighbour is taken at each pixel's centre, where the bilinear image is
+  # sampled. mmcv's cv2.INTER_NEAREST takes floor(i * step) instead, which shifts every label
+  # edge against the image by up to half a source pixel (docs/METHOD.md section 9).
   return (cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR),
-          cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST))
+          cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST_EXACT))
 
 
 def crop_box(label: np.ndarray, crop_size: int, cat_max_ratio: float,
