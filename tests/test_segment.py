@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -71,14 +72,14 @@ def logged(workdir):
 
 
 def test_overfits_eight_images_and_restores_the_same_miou(tmp_path, monkeypatch):
-  config = tiny_config(steps=200)
+  config = tiny_config(steps=300)
   memorise(config, monkeypatch)
   result = segmentation.segment(config, str(tmp_path))
   assert result["last_mIoU"] >= 90.0, result
-  assert result["best_mIoU"] >= result["last_mIoU"]
-  assert (tmp_path / segmentation.EXAMPLES_DIR / "step_200.png").is_file()
+  assert result["best_mIoU"] >= result["last_mIoU"] - 1e-4  # kept as float32 in the state
+  assert (tmp_path / segmentation.EXAMPLES_DIR / "step_300.png").is_file()
   restored = segmentation.segment(config, str(tmp_path), eval_only=True)
-  assert restored["step"] == 200 and restored["mIoU"] == result["last_mIoU"]
+  assert restored["step"] == 300 and restored["mIoU"] == result["last_mIoU"]
 
 
 def test_resume_is_exact(tmp_path, monkeypatch):
@@ -101,7 +102,10 @@ def test_init_from_fills_the_backbone(tmp_path, kind):
   """A pre-training work dir, an authors' checkpoint or a timm ViT state dict (with a classifier,
   which is ignored) starts the backbone; with lr 0 the saved backbone is that encoder."""
   pretraining = pretrain_config(num_train_steps=1)
-  model = cim.build_model(pretraining.model, pretraining.data)
+  # The release's shapes (10 x 10 context tokens), which a weights file is imported with.
+  release_shapes = ml_collections.ConfigDict(dict(context_size=160, exemplar_size=64,
+                                                  num_exemplars=1))
+  model = cim.build_model(pretraining.model, release_shapes)
   if kind == "workdir":
     loop.train(pretraining, str(tmp_path / "pre"))
     source = str(tmp_path / "pre")
@@ -121,7 +125,7 @@ def test_init_from_fills_the_backbone(tmp_path, kind):
     torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()},
                source)
   config = tiny_config(steps=1)
-  config.model.variant = pretraining.model.variant
+  config.model = pretraining.model
   config.init_from = source
   config.optim.lr = 0.0
   segmentation.segment(config, str(tmp_path / "seg"))
