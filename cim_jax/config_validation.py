@@ -306,6 +306,6 @@ def _check_segmentation(config, patch: int) -> None:
   _check(s.channels > 0 and s.aux_channels > 0,
          "config.segmentation.channels and aux_channels must be positive")
   depth = vit.decode_variant(config.model.variant)["depth"]
-  _check(all(1 <= b <= depth for b in s.feature_blocks) and len(s.feature_blocks) in (0, 4),
-         f"config.segmentation.feature_blocks={tuple(s.feature_blocks)} must be () or four "
-         f"1-based block numbers of the {depth}-block encoder")
+  _check(all(1 <= b <= depth for b in s.feature_blocks) and len(s.feature_blocks) == 4,
+         f"config.segmentation.feature_blocks={tuple(s.feature_blocks)} must be four 1-based "
+         f"block numbers of the {depth}-block encoder")

@@ -16,6 +16,8 @@ import ml_collections
 
 from cim_jax import config_defaults
 from cim_jax import config_validation
+from cim_jax.models import upernet
+from cim_jax.models import vit
 
 
 def get_config(arg="B/16"):
@@ -35,7 +37,8 @@ def get_config(arg="B/16"):
   c.model.freeze_patch_embed = False
 
   c.segmentation = ml_collections.ConfigDict()
-  c.segmentation.feature_blocks = ()  # 1-based; () = depth/3, depth/2, 2 depth/3, depth
+  # 1-based blocks feeding the pyramid: depth/3, depth/2, 2 depth/3, depth (4, 6, 8, 12 for B).
+  c.segmentation.feature_blocks = upernet.feature_blocks(vit.decode_variant(arg)["depth"])
   c.segmentation.channels = 512  # UperNet decode head
   c.segmentation.pool_scales = (1, 2, 3, 6)
   c.segmentation.aux_channels = 256  # auxiliary FCN head on the third pyramid level

@@ -13,6 +13,7 @@ import torch
 from cim_jax import interop
 from cim_jax.data import segmentation as data_lib
 from cim_jax.models import cim
+from cim_jax.models import upernet
 from cim_jax.train import loop
 from cim_jax.train import segmentation
 from train_fixtures import REPO, read_checkpoint, recipe, subprocess_env
@@ -28,6 +29,7 @@ def tiny_config(steps: int = 8):
   config = recipe("cim_segment.py:Ti/16")
   config.model.variant = "Mu/8"
   config.model.drop_path_rate = 0.0
+  config.segmentation.feature_blocks = upernet.feature_blocks(2)
   d = config.data
   d.source = "synthetic"
   d.num_classes = NUM_CLASSES
