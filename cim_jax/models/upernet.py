@@ -22,10 +22,10 @@ IGNORE_INDEX = 255
 
 # The conv forms of `conv2d_same`. 'xla': lax.conv_general_dilated differentiated by JAX, the
 # backends' own kernels. 'split_grad': the same forward; the input gradient as a forward conv with
-# the flipped kernel and the kernel gradient as one matmul per tap over shifted input views (on
-# XLA:CPU the autodiff forms of both run at about half the forward's FLOP rate,
-# docs/BENCHMARKS.md). 'shifted': forward too as one matmul per tap. 'auto': 'split_grad' on CPU,
-# 'xla' elsewhere.
+# the flipped kernel and the kernel gradient as one matmul per tap over shifted input views: on
+# XLA:CPU the autodiff forms of both ran at about half the forward's FLOP rate, and with them the
+# head's 3x3 convs took ~1.4x PyTorch's time (bench/bench_segmentation_step.py). 'shifted': the
+# forward too as one matmul per tap. 'auto': 'split_grad' on the CPU, 'xla' elsewhere.
 CONV_IMPLS = ("auto", "xla", "split_grad", "shifted")
 
 # mmcv's ConvModule init: kaiming normal, fan_out, ReLU gain; conv_seg: normal(0.01), zero bias.
