@@ -162,7 +162,8 @@ def main(argv=None):
   best = min(ours_times)
   summary = f"best: ours {best:.2f} s/step"
   if torch_times:
-    summary += f", torch {min(torch_times):.2f} s/step, ratio ours/torch {best / min(torch_times):.3f}"
+    fastest = min(torch_times)
+    summary += f", torch {fastest:.2f} s/step, ratio ours/torch {best / fastest:.3f}"
   print(summary, flush=True)
 
 

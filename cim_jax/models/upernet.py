@@ -147,7 +147,8 @@ def _shifted_gradient(grad, size: int):
   pad = size // 2
   height, width = grad.shape[1:3]
   padded = jnp.pad(grad, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  return jnp.concatenate([padded[:, 2 * pad - i:2 * pad - i + height, 2 * pad - j:2 * pad - j + width]
+  start = 2 * pad
+  return jnp.concatenate([padded[:, start - i:start - i + height, start - j:start - j + width]
                           for i in range(size) for j in range(size)], axis=-1)
 
 
