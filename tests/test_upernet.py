@@ -111,7 +111,7 @@ def test_conv_forms_agree_with_gradients():
   weights = jnp.asarray(rng.normal(size=(2, 7, 9, 4)), jnp.float32)
   theirs = F.conv2d(torch.from_numpy(np.array(x)).permute(0, 3, 1, 2),
                     torch.from_numpy(np.array(kernel)).permute(3, 2, 0, 1), padding=1)
-  for impl in ("xla", "split_grad", "shifted", "auto"):
+  for impl in ("xla", "split_grad", "matmul", "shifted", "auto"):
     loss = lambda x, k, impl=impl: jnp.sum(upernet.conv2d_same(x, k, impl) * weights)
     np.testing.assert_allclose(upernet.conv2d_same(x, kernel, impl),
                                theirs.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
@@ -121,7 +121,9 @@ def test_conv_forms_agree_with_gradients():
                         argnums=(0, 1))(x, kernel)
     for ours, reference in zip(grads, expected):
       np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5, err_msg=impl)
-  assert upernet.resolve_conv_impl("auto") == "split_grad"  # tests run on the CPU
+  assert upernet.auto_conv_impl(2048, 512, "cpu") == "matmul"
+  assert upernet.auto_conv_impl(512, 512, "cpu") == "split_grad"
+  assert upernet.auto_conv_impl(2048, 512, "tpu") == "xla"
   with pytest.raises(ConfigError, match="conv_impl"):
     upernet.build_segmenter(model_config(), seg_config(conv_impl="winograd"), 3)
 

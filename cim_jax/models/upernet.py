@@ -22,11 +22,14 @@ IGNORE_INDEX = 255
 
 # The conv forms of `conv2d_same`. 'xla': lax.conv_general_dilated differentiated by JAX, the
 # backends' own kernels. 'split_grad': the same forward; the input gradient as a forward conv with
-# the flipped kernel and the kernel gradient as one matmul per tap over shifted input views (on
-# XLA:CPU the autodiff forms of both run at about half the forward's FLOP rate,
-# docs/BENCHMARKS.md). 'shifted': forward too as one matmul per tap. 'auto': 'split_grad' on CPU,
-# 'xla' elsewhere.
-CONV_IMPLS = ("auto", "xla", "split_grad", "shifted")
+# the flipped kernel and the kernel gradient as one matmul per tap over shifted input views: on
+# XLA:CPU the autodiff forms of both ran at about half the forward's FLOP rate, and with them the
+# head's 3x3 convs took ~1.4x PyTorch's time (bench/bench_segmentation_step.py). 'matmul': one
+# matmul to k*k*out channels and a sum of shifted slices forward, the backward as two matmuls
+# with the gradient's k*k shifted copies: faster on XLA:CPU where out < in (2048 -> 512), slower
+# where out = in. 'shifted': the forward as one matmul per tap. 'auto': on the CPU 'matmul' for
+# layers with fewer outputs than inputs, else 'split_grad'; 'xla' on other backends.
+CONV_IMPLS = ("auto", "xla", "split_grad", "matmul", "shifted")
 
 # mmcv's ConvModule init: kaiming normal, fan_out, ReLU gain; conv_seg: normal(0.01), zero bias.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -138,24 +141,75 @@ def _split_grad_backward(residuals, grad):
 _split_grad_conv.defvjp(_split_grad_forward, _split_grad_backward)
 
 
-def resolve_conv_impl(impl: str) -> str:
-  """'auto' -> 'split_grad' on the CPU backend, 'xla' elsewhere; others unchanged (validated)."""
+def _shifted_gradient(grad, size: int):
+  """(B, H, W, k*k*O): tap (i, j) holds grad shifted so that the tap's kernel slice pairs it with
+  the input pixel it touched (the transpose of `_shifted_views`)."""
+  pad = size // 2
+  height, width = grad.shape[1:3]
+  padded = jnp.pad(grad, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  start = 2 * pad
+  return jnp.concatenate([padded[:, start - i:start - i + height, start - j:start - j + width]
+                          for i in range(size) for j in range(size)], axis=-1)
+
+
+def _matmul_conv_forward(x, kernel):
+  size, _, channels, features = kernel.shape
+  pad = size // 2
+  batch, height, width, _ = x.shape
+  # Every tap's contribution at the input pixel, then summed where it lands: out[h, w] =
+  # sum_ij x[h + i - pad, w + j - pad] @ kernel[i, j].
+  taps = jnp.dot(x, kernel.transpose(2, 0, 1, 3).reshape(channels, size * size * features))
+  taps = jnp.pad(taps.reshape(batch, height, width, size * size, features),
+                 ((0, 0), (pad, pad), (pad, pad), (0, 0), (0, 0)))
+  out = [taps[:, i:i + height, j:j + width, i * size + j] for i in range(size) for j in range(size)]
+  return sum(out[1:], out[0]), (x, kernel)
+
+
+def _matmul_conv_backward(residuals, grad):
+  x, kernel = residuals
+  size, _, channels, features = kernel.shape
+  shifted = _shifted_gradient(grad, size)
+  grad_x = jnp.dot(shifted, kernel.transpose(0, 1, 3, 2).reshape(size * size * features, channels))
+  grad_kernel = jax.lax.dot_general(x, shifted, (((0, 1, 2), (0, 1, 2)), ((), ())))
+  grad_kernel = grad_kernel.reshape(channels, size, size, features).transpose(1, 2, 0, 3)
+  return grad_x, grad_kernel.astype(kernel.dtype)
+
+
+@jax.custom_vjp
+def _matmul_conv(x, kernel):
+  return _matmul_conv_forward(x, kernel)[0]
+
+
+_matmul_conv.defvjp(_matmul_conv_forward, _matmul_conv_backward)
+
+
+def check_conv_impl(impl: str) -> str:
+  """impl if it names a conv form (CONV_IMPLS), else a ConfigError."""
   if impl not in CONV_IMPLS:
     raise ConfigError(f"segmentation.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
-  if impl == "auto":
-    return "split_grad" if jax.default_backend() == "cpu" else "xla"
   return impl
+
+
+def auto_conv_impl(in_channels: int, out_channels: int, backend: str) -> str:
+  """The form 'auto' picks for a layer (measured on XLA:CPU, see CONV_IMPLS)."""
+  if backend != "cpu":
+    return "xla"
+  return "matmul" if out_channels < in_channels else "split_grad"
 
 
 def conv2d_same(x, kernel, impl: str = "xla"):
   """Stride-1 convolution of (B, H, W, C) with an odd (k, k, C, O) kernel, zero 'same' padding."""
-  impl = resolve_conv_impl(impl)
+  impl = check_conv_impl(impl)
   if kernel.shape[0] == 1:
     return jnp.dot(x, kernel[0, 0])
+  if impl == "auto":
+    impl = auto_conv_impl(kernel.shape[2], kernel.shape[3], jax.default_backend())
   if impl == "xla":
     return _xla_conv(x, kernel)
   if impl == "split_grad":
     return _split_grad_conv(x, kernel)
+  if impl == "matmul":
+    return _matmul_conv(x, kernel)
   taps = [jnp.dot(view, tap) for view, tap in zip(_shifted_views(x, kernel.shape[0]),
                                                   kernel.reshape(-1, *kernel.shape[2:]))]
   return sum(taps[1:], taps[0])
@@ -352,7 +406,7 @@ def build_segmenter(model_config, seg_config, num_classes: int) -> Segmenter:
   """The Segmenter of `config.model` (the pre-training encoder) and `config.segmentation`."""
   backbone = vit.encoder_from_config(model_config, pool="none", keep_block_outputs=True,
                                      final_norm=False)
-  conv_impl = resolve_conv_impl(str(seg_config.get("conv_impl", "auto")))
+  conv_impl = check_conv_impl(str(seg_config.get("conv_impl", "auto")))
   return Segmenter(
       backbone=backbone, num_classes=int(num_classes),
       blocks=feature_blocks(backbone.depth, tuple(seg_config.get("feature_blocks", ()) or ())),
