@@ -3,8 +3,10 @@
   python bench/bench_segmentation_step.py                      # ViT-B/16, 512x512, batch 2, CPU
   python bench/bench_segmentation_step.py --variant=Mu/16 --size=128 --steps=2
 
-Both sides start from the same weights (ours copied into tests/torch_upernet.py's restatement),
-train with dropout and drop path on, and take one AdamW step per batch on the decode + 0.4 x
+Ours is the trainer's own jitted step (`cim_jax.train.segmentation.build_trainer` on
+configs/cim_segment.py: AdamW with layer decay, the poly schedule, BatchNorm statistics). PyTorch
+runs the same model (ours copied into tests/torch_upernet.py's restatement) with AdamW. Both
+train with dropout and drop path on, one optimizer step per batch on the decode + 0.4 x
 auxiliary cross-entropy. Rounds alternate ours / PyTorch so that load from other processes on a
 shared machine hits both; compare the ratio within one run. --threads pins the process to that
 many cores (XLA sizes its thread pool by them) and sets torch.set_num_threads. --onednn (default
@@ -24,12 +26,16 @@ sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
 # The CPU client (and its thread pool) starts at the first computation, after --threads pins us.
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
-import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from cim_jax.models import cim, upernet  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from cim_jax import config_validation
+from cim_jax import sharding
+from cim_jax.models import cim
+from cim_jax.models import upernet
+from cim_jax.models import vit
+from cim_jax.train import schedules
+from cim_jax.train import segmentation
 
 
 def parse_args(argv=None):
@@ -63,34 +69,17 @@ def pin_threads(threads: int):
     os.sched_setaffinity(0, available[:threads])
 
 
-def configs(args):
-  model = ml_collections.ConfigDict(dict(
-      variant=args.variant, dtype="float32", drop_path_rate=0.1, mlp_ratio=4.0, pos_embed_grid=14,
-      remat=False, attention_impl="", approximate_gelu=False))
-  seg = ml_collections.ConfigDict(dict(channels=512, pool_scales=(1, 2, 3, 6), aux_channels=256,
-                                       aux_weight=0.4, dropout=0.1, feature_blocks=(),
-                                       conv_impl=args.conv_impl))
-  return model, seg
-
-
-def make_jax_step(model, optimizer, aux_weight: float = 0.4):
-  """Jitted (params, batch_stats, opt_state, batch, rng) -> (params, batch_stats, opt_state,
-  loss), state donated; batch = {'image': uint8 (B, S, S, 3), 'label': uint8 (B, S, S)}."""
-  def step(params, batch_stats, opt_state, batch, rng):
-    def loss_fn(params):
-      images = cim.normalize_images(batch["image"])
-      (logits, intermediates), updates = model.apply(
-          {"params": params, "batch_stats": batch_stats}, images, train=True,
-          rngs={"dropout": rng}, mutable=["batch_stats"])
-      loss, _ = upernet.segmentation_loss(logits, intermediates["aux_logits"], batch["label"],
-                                          aux_weight=aux_weight)
-      return loss, updates["batch_stats"]
-
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), batch_stats, opt_state, loss
-
-  return jax.jit(step, donate_argnums=(0, 1, 2))
+def trainer_config(args):
+  """configs/cim_segment.py's recipe at the bench's size, batch, classes and conv form."""
+  config = config_validation.load_config_file(os.path.join(REPO, "configs", "cim_segment.py"))
+  config.model.variant = args.variant  # the recipe is ViT-B's; a smaller ViT for quick runs
+  config.segmentation.feature_blocks = upernet.feature_blocks(
+      vit.decode_variant(args.variant)["depth"])
+  config.data.crop_size = args.size
+  config.data.num_classes = args.classes
+  config.batch_size = args.batch
+  config.segmentation.conv_impl = args.conv_impl
+  return config
 
 
 def main(argv=None):
@@ -98,34 +87,30 @@ def main(argv=None):
   pin_threads(args.threads)
   set_xla_flags(args.onednn)
 
-  model_config, seg_config = configs(args)
-  model = upernet.build_segmenter(model_config, seg_config, args.classes)
-  size, batch_size = args.size, args.batch
+  config = trainer_config(args)
+  trainer = segmentation.build_trainer(config, args.classes, sharding.make_mesh(1),
+                                       schedules.step_counts(config, None))
+  model, size, batch_size = trainer.model, args.size, args.batch
   print(f"{args.variant} UperNet {size}x{size} batch {batch_size}, {args.classes} classes, "
-        f"{args.threads} threads, conv_impl {model.conv_impl}, XLA_FLAGS "
+        f"{args.threads} threads, conv_impl {args.conv_impl}, XLA_FLAGS "
         f"{os.environ.get('XLA_FLAGS', '')!r}; {jax.devices()[0].device_kind}. "
         "Shared machine: compare the ratio within one run.", flush=True)
-  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 3)), train=False))(
-      jax.random.key(0))
-  variables = jax.device_get(variables)
+  state = trainer.init_state(jax.random.key(0))
+  variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
   labels = rng.integers(0, args.classes, (batch_size, size, size)).astype(np.uint8)
   labels[rng.random(labels.shape) < 0.1] = upernet.IGNORE_INDEX
-
-  optimizer = optax.adamw(1e-4, weight_decay=0.05)
-  step = make_jax_step(model, optimizer, float(seg_config.aux_weight))
-  params = jax.tree_util.tree_map(jnp.array, variables["params"])
-  state = [params, jax.tree_util.tree_map(jnp.array, variables["batch_stats"]),
-           optimizer.init(params)]
-  batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
+  batch = sharding.global_batch({"image": images, "label": labels}, trainer.batch_sharding)
   key = jax.random.key(1)
 
   def run_jax(steps):
+    """The trainer's own jitted step (state donated), as `python -m cim_jax.segment` runs it."""
+    nonlocal state
     start = time.perf_counter()
-    for i in range(steps):
-      *state[:], loss = step(*state, batch, jax.random.fold_in(key, i))  # donated: replace
-    loss.block_until_ready()
+    for _ in range(steps):
+      state, metrics = trainer.train_step(state, batch, key)
+    metrics["loss"].block_until_ready()
     return (time.perf_counter() - start) / steps
 
   torch_step = None

@@ -44,6 +44,9 @@ def get_config(arg="B/16"):
   c.segmentation.aux_channels = 256  # auxiliary FCN head on the third pyramid level
   c.segmentation.aux_weight = 0.4
   c.segmentation.dropout = 0.1  # before each classifier
+  # How 3x3 / 1x1 convolutions are computed: 'auto' = XLA's convolution on GPU / TPU and the
+  # matmul forms that are faster on XLA:CPU there (models/upernet.py); the results are the same.
+  c.segmentation.conv_impl = "auto"
 
   d = c.data = ml_collections.ConfigDict()
   d.source = "ade20k"  # "ade20k" (ADEChallengeData2016 folder), "tfds", or "synthetic"
