@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from cim_jax import sharding
+from cim_jax.models import upernet
 from cim_jax.train import segmentation_eval as seg_eval
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +90,7 @@ def test_bilinear_matrix_equals_torch(in_size, out_size):
   expected = torch.nn.functional.interpolate(
       torch.from_numpy(x).permute(2, 0, 1)[None], size=(out_size, 3), mode="bilinear",
       align_corners=False)[0].permute(1, 2, 0).numpy()
-  matrix = seg_eval.bilinear_matrix(in_size, out_size)
+  matrix = upernet.bilinear_matrix(in_size, out_size)
   np.testing.assert_allclose(np.einsum("oi,iwc->owc", matrix, x), expected, atol=1e-6)
   # The reference inference's resize (jax.image.resize, no antialiasing) is torch's too.
   np.testing.assert_allclose(seg_eval._resize_bilinear(x.astype(np.float32), out_size, 3),

@@ -15,6 +15,7 @@ from cim_jax import sharding
 from cim_jax.data import segmentation
 from cim_jax.data.segmentation import IGNORE_INDEX, MEAN_RGB_UINT8
 from cim_jax.errors import ConfigError
+from cim_jax.models.upernet import bilinear_matrix
 
 # Images of one process read, windowed and run per chunk, in batches of its rows: 4 batches'
 # worth of images bounds the host memory (windows, low-resolution logits) and the padded rows
@@ -82,21 +83,6 @@ def class_table(scores: dict, class_names: Sequence[str]) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Sliding-window inference.
-
-
-def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """float64 (out_size, in_size) weights of torch's bilinear resize with align_corners=False
-  along one axis (source positions below 0 clamped to 0, the last pixel repeated)."""
-  position = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
-  position = np.maximum(position, 0.0)
-  low = np.minimum(np.floor(position).astype(np.int64), in_size - 1)
-  high = np.minimum(low + 1, in_size - 1)
-  frac = position - low
-  matrix = np.zeros((out_size, in_size))
-  rows = np.arange(out_size)
-  np.add.at(matrix, (rows, low), 1.0 - frac)
-  np.add.at(matrix, (rows, high), frac)
-  return matrix
 
 
 def rescale_image(image: np.ndarray, scale: Sequence[int]) -> np.ndarray:
