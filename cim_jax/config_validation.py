@@ -287,8 +287,6 @@ def _check_segmentation(config, patch: int) -> None:
   d, s = config.data, config.segmentation
   _check(d.source in SEGMENTATION_SOURCES, f"config.data.source={d.source!r} must be one of "
          f"{', '.join(SEGMENTATION_SOURCES)}")
-  _check(d.source != "ade20k" or bool(d.root), "config.data.root must name the "
-         "ADEChallengeData2016 directory when config.data.source='ade20k'")
   _check(d.crop_size > 0 and d.crop_size % patch == 0,
          f"config.data.crop_size={d.crop_size} must be a positive multiple of the patch size "
          f"{patch}")

@@ -59,13 +59,15 @@ def get_config(arg="B/16"):
   d.tfds_label_key = "annotation"
   d.num_classes = 150
   d.reduce_zero_label = True  # label 0 ("other") -> ignored, the others shifted down by one
-  d.crop_size = 512
+  patch = vit.decode_variant(arg)["patch_size"]
+  # 512 crops; a /14 ViT takes 504 (36 x 36 tokens, an even grid for the pyramid's max-pool).
+  d.crop_size = 512 if 512 % patch == 0 else 36 * patch
   d.scale = (2048, 512)  # mmseg img_scale: (long, short) sides of the keep-ratio rescale
   d.ratio_range = (0.5, 2.0)  # training: the scale times a uniform ratio
   d.cat_max_ratio = 0.75  # training crops: no class above 75% of the labelled pixels (10 tries)
   d.flip_prob = 0.5
   d.photometric = True  # mmseg PhotoMetricDistortion
-  d.eval_stride = 341  # sliding 512 windows at this stride, logits averaged over overlaps
+  d.eval_stride = d.crop_size * 2 // 3  # 341: sliding windows, logits averaged over overlaps
   d.eval_batch_size = 8  # windows per evaluation batch (global)
   d.num_images = 0  # >0: only the first num_images training records
   d.num_eval_images = 0  # >0: only the first num_eval_images validation records

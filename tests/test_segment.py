@@ -139,8 +139,8 @@ def test_init_from_fills_the_backbone(tmp_path, kind):
 
 def test_command_errors_are_one_line(tmp_path):
   for args, message in (
-      (["--config=configs/cim_segment.py:B/16"], "config.data.root must name the "
-       "ADEChallengeData2016 directory"),
+      (["--config=configs/cim_segment.py:B/16"], "config.data.root='' is not a directory (the "
+       "ADEChallengeData2016 folder)"),
       (["--config=configs/cim_segment.py:B/16", "--config.data.source=ade20k",
         f"--config.data.root={tmp_path / 'missing'}"], str(tmp_path / "missing")),
       (["--config=configs/cim_finetune.py:B/16"], "expected a config for segmentation"),
