@@ -153,3 +153,26 @@ def test_command_errors_are_one_line(tmp_path):
     assert done.returncode == 2, (args, done.stderr[-2000:])
     lines = [l for l in done.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], (args, done.stderr[-2000:])
+
+
+def test_data_parallel_and_fsdp_runs_train_like_one_device(tmp_path):
+  """`python -m cim_jax.segment` on 4 CPU devices (data 2 x fsdp 2) logs the losses of a
+  1-device run: BatchNorm statistics span the whole global batch, not each device's rows."""
+  config_file = tmp_path / "tiny_segment.py"
+  config_file.write_text(
+      "from test_segment import tiny_config\n\n\ndef get_config():\n"
+      "  config = tiny_config(steps=3)\n  config.data.synthetic_eval_images = 2\n"
+      "  return config\n", encoding="utf-8")
+  losses = {}
+  for devices, fsdp in ((1, 1), (4, 2)):
+    workdir = tmp_path / f"run{devices}"
+    done = subprocess.run([sys.executable, "-m", "cim_jax.segment", f"--config={config_file}",
+                           f"--config.mesh.fsdp={fsdp}", f"--workdir={workdir}"], cwd=REPO,
+                          env=subprocess_env(devices=devices), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "last_mIoU=" in done.stdout
+    losses[devices] = [(row["loss"], row["decode_loss"], row["aux_loss"])
+                       for row in logged(workdir) if "loss" in row]
+  assert len(losses[1]) == 3
+  np.testing.assert_allclose(losses[4], losses[1], rtol=2e-4)
