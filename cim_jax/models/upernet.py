@@ -29,7 +29,7 @@ IGNORE_INDEX = 255
 # with the gradient's k*k shifted copies: faster on XLA:CPU where out < in (2048 -> 512), slower
 # where out = in. 'shifted': the forward as one matmul per tap. 'auto': on the CPU 'matmul' for
 # layers with fewer outputs than inputs, else 'split_grad'; 'xla' on other backends.
-CONV_IMPLS = ("auto", "xla", "split_grad", "matmul", "shifted")
+CONV_IMPLS = ("auto", "xla", "split_grad", "matmul", "shifted", "winograd")
 
 # mmcv's ConvModule init: kaiming normal, fan_out, ReLU gain; conv_seg: normal(0.01), zero bias.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -183,6 +183,57 @@ def _matmul_conv(x, kernel):
 _matmul_conv.defvjp(_matmul_conv_forward, _matmul_conv_backward)
 
 
+# Winograd F(2x2, 3x3) (Lavin & Gray 2015, "Fast Algorithms for Convolutional Neural Networks",
+# eq. 7): Y = A^T [(G g G^T) * (B^T d B)] A for a 4x4 input tile d, a 3x3 kernel g and a 2x2
+# output tile Y; 16 products per 4 outputs instead of 36, so the matmuls cost 4/9 of the direct
+# conv's. Applying B^T and A^T as the sums of strided slices they are (below) keeps them cheap.
+
+
+def _winograd_kernel_rows(g, axis: int):
+  """G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]] along `axis` (length 3)."""
+  g0, g1, g2 = (jax.lax.index_in_dim(g, k, axis, keepdims=False) for k in range(3))
+  return g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2
+
+
+def _winograd_input_rows(d, axis: int, tiles: int):
+  """B^T applied along `axis` to every 4-long window at stride 2: 4 arrays of `tiles` each.
+
+  B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]] (Lavin & Gray).
+  """
+  take = lambda k: jax.lax.slice_in_dim(d, k, k + 2 * tiles - 1, 2, axis)
+  d0, d1, d2, d3 = (take(k) for k in range(4))
+  return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+
+def _winograd_output_rows(m, axis: int):
+  """A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] along `axis` (length 4): the 2 outputs, interleaved."""
+  m0, m1, m2, m3 = (jax.lax.index_in_dim(m, k, axis, keepdims=False) for k in range(4))
+  return jnp.stack([m0 + m1 + m2, m1 - m2 - m3], axis)
+
+
+def _winograd_conv(x, kernel):
+  """Stride-1 'same' 3x3 conv as Winograd F(2x2, 3x3); plain jnp, so autodiff's backward stays
+  in the Winograd domain too (the transforms are linear, the matmuls' transposes matmuls)."""
+  batch, height, width, channels = x.shape
+  features = kernel.shape[3]
+  tiles_h, tiles_w = -(-height // 2), -(-width // 2)
+  # 'same' padding 1, then up to 2 * tiles + 2 so that every 4x4 tile at stride 2 is in range.
+  padded = jnp.pad(x, ((0, 0), (1, 2 * tiles_h + 1 - height), (1, 2 * tiles_w + 1 - width),
+                       (0, 0)))
+  # V = B^T d B: rows then columns; 16 arrays (B, tiles_h, tiles_w, C), index 4 * row + column.
+  v = [c for r in _winograd_input_rows(padded, 1, tiles_h)
+       for c in _winograd_input_rows(r, 2, tiles_w)]
+  v = jnp.stack(v).reshape(16, batch * tiles_h * tiles_w, channels)
+  # U = G g G^T: rows then columns, as sums (an einsum with G ran slower on XLA:CPU).
+  u = _winograd_kernel_rows(jnp.stack(_winograd_kernel_rows(kernel, 0)), 1)
+  u = jnp.stack(u, 1).reshape(16, channels, features)
+  m = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))  # (16, tiles, O)
+  m = m.reshape(4, 4, batch, tiles_h, tiles_w, features)
+  y = _winograd_output_rows(_winograd_output_rows(m, 0), 1)  # (2, 2, B, th, tw, O)
+  y = y.transpose(2, 3, 0, 4, 1, 5).reshape(batch, 2 * tiles_h, 2 * tiles_w, features)
+  return y[:, :height, :width]
+
+
 def check_conv_impl(impl: str) -> str:
   """impl if it names a conv form (CONV_IMPLS), else a ConfigError."""
   if impl not in CONV_IMPLS:
@@ -210,6 +261,11 @@ def conv2d_same(x, kernel, impl: str = "xla"):
     return _split_grad_conv(x, kernel)
   if impl == "matmul":
     return _matmul_conv(x, kernel)
+  if impl == "winograd":
+    if kernel.shape[0] != 3:
+      raise ConfigError(f"conv_impl 'winograd' is for 3x3 kernels, got {kernel.shape[0]}x"
+                        f"{kernel.shape[1]}")
+    return _winograd_conv(x, kernel)
   taps = [jnp.dot(view, tap) for view, tap in zip(_shifted_views(x, kernel.shape[0]),
                                                   kernel.reshape(-1, *kernel.shape[2:]))]
   return sum(taps[1:], taps[0])
