@@ -104,28 +104,52 @@ def test_resampling_matches_torch(in_size, out_size):
   np.testing.assert_allclose(pooled, theirs.permute(0, 2, 3, 1).numpy(), atol=1e-6)
 
 
-def test_conv_forms_agree_with_gradients():
+@pytest.mark.parametrize("height,width", [(7, 9), (8, 6), (1, 1)])
+def test_conv_forms_agree_with_gradients(height, width):
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(2, 7, 9, 5)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(2, height, width, 5)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(3, 3, 5, 4)), jnp.float32)
-  weights = jnp.asarray(rng.normal(size=(2, 7, 9, 4)), jnp.float32)
+  weights = jnp.asarray(rng.normal(size=(2, height, width, 4)), jnp.float32)
   theirs = F.conv2d(torch.from_numpy(np.array(x)).permute(0, 3, 1, 2),
                     torch.from_numpy(np.array(kernel)).permute(3, 2, 0, 1), padding=1)
-  for impl in ("xla", "split_grad", "matmul", "shifted", "auto"):
+  for impl in ("xla", "split_grad", "matmul", "shifted", "winograd", "auto"):
     loss = lambda x, k, impl=impl: jnp.sum(upernet.conv2d_same(x, k, impl) * weights)
     np.testing.assert_allclose(upernet.conv2d_same(x, kernel, impl),
-                               theirs.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
+                               theirs.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5,
+                               err_msg=impl)
     grads = jax.grad(loss, argnums=(0, 1))(x, kernel)
     expected = jax.grad(lambda x, k: jnp.sum(jax.lax.conv_general_dilated(
         x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) * weights),
                         argnums=(0, 1))(x, kernel)
     for ours, reference in zip(grads, expected):
       np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5, err_msg=impl)
-  assert upernet.auto_conv_impl(2048, 512, "cpu") == "matmul"
-  assert upernet.auto_conv_impl(512, 512, "cpu") == "split_grad"
-  assert upernet.auto_conv_impl(2048, 512, "tpu") == "xla"
+
+
+def test_winograd_is_exact_enough_at_vit_b_widths():
+  # 512 input channels: the transformed-domain sums are long enough to show a wrong transform
+  # entry or float32 error growth that 5 channels would hide.
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(1, 11, 10, 512)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 512, 8)) / 48, jnp.float32)
+  theirs = F.conv2d(torch.from_numpy(np.array(x)).permute(0, 3, 1, 2),
+                    torch.from_numpy(np.array(kernel)).permute(3, 2, 0, 1), padding=1)
+  np.testing.assert_allclose(upernet.conv2d_same(x, kernel, "winograd"),
+                             theirs.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
+  # Other kernel sizes fall back to a direct form.
+  kernel5 = jnp.asarray(rng.normal(size=(5, 5, 512, 8)) / 80, jnp.float32)
+  np.testing.assert_allclose(upernet.conv2d_same(x, kernel5, "winograd"),
+                             upernet.conv2d_same(x, kernel5, "xla"), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_conv_impl():
+  assert upernet.auto_conv_impl(2048, 512, "cpu", 128 * 128) == "winograd"
+  assert upernet.auto_conv_impl(512, 512, "cpu", 32 * 32) == "winograd"
+  assert upernet.auto_conv_impl(2816, 512, "cpu", 16 * 16) == "matmul"
+  assert upernet.auto_conv_impl(768, 256, "cpu", 32 * 32) == "matmul"
+  assert upernet.auto_conv_impl(512, 512, "gpu", 128 * 128) == "xla"
+  assert upernet.auto_conv_impl(2048, 512, "tpu", 128 * 128) == "xla"
   with pytest.raises(ConfigError, match="conv_impl"):
-    upernet.build_segmenter(model_config(), seg_config(conv_impl="winograd"), 3)
+    upernet.build_segmenter(model_config(), seg_config(conv_impl="fft"), 3)
 
 
 def random_variables(model, seed=1):
