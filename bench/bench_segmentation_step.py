@@ -9,11 +9,10 @@ runs the same model (ours copied into tests/torch_upernet.py's restatement) with
 train with dropout and drop path on, one optimizer step per batch on the decode + 0.4 x
 auxiliary cross-entropy. Rounds alternate ours / PyTorch so that load from other processes on a
 shared machine hits both; compare the ratio within one run. --threads pins the process to that
-many cores (XLA sizes its thread pool by them) and sets torch.set_num_threads. --onednn (default
-on the CPU) adds --xla_cpu_experimental_onednn_custom_call=true to XLA_FLAGS: XLA:CPU then runs
-the matmuls of conv_impl 'split_grad' (the CPU default) through oneDNN, as PyTorch does; measured
-on a 2-core shared CPU the 3x3 2048->512 conv at 64x64 (forward + backward) went from 1.6x
-PyTorch's time to 1.0x with it. It slows conv_impl 'xla' down.
+many cores (XLA sizes its thread pool by them) and sets torch.set_num_threads. --onednn (default on the CPU) adds --xla_cpu_experimental_onednn_custom_call=true to XLA_FLAGS:
+XLA:CPU then runs the matmuls of the CPU conv forms (conv_impl 'auto': Winograd or matmul, see
+models/upernet.py) through oneDNN, as PyTorch does. The trainer does not set it; export the same
+XLA_FLAGS to train that way on a CPU. --no-onednn times the default.
 """
 
 import argparse
