@@ -4,6 +4,7 @@ Config problems end the program with a one-line message and exit status 2, befor
 compilation, instead of a traceback (absl's config_flags raises deep inside flag parsing).
 """
 
+import functools
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ from typing import Callable
 import ml_collections
 
 from cim_jax import config_validation
+from cim_jax import sharding
 from cim_jax.data import decode
 from cim_jax.errors import ConfigError, RunStopped
 
@@ -166,3 +168,24 @@ def run_tool(main: Callable, *, prog: str, default_config: str,
                                       flags=dict(flags or {}), validate=kind is not None,
                                       kind=kind, prog=prog)
   return run_or_exit(main, config, **flag_values, user_errors=USER_ERRORS)
+
+
+def trainer_main(argv: list[str], train: Callable, *, default_config: str, kind: str,
+                 prog: str) -> dict:
+  """A trainer's entry point: `--config=FILE[:ARG] --workdir=DIR [--eval_only=true]` -> config
+  checked as `kind` -> `train(config, workdir, eval_only=...)` -> one line of its results."""
+  config, flags = parse_or_exit(argv, default_config=default_config,
+                                flags={"workdir": "", "eval_only": "false"}, validate=False,
+                                prog=prog)
+  if not flags["workdir"]:
+    print("error: --workdir=DIR is required (checkpoints and metrics go there)", file=sys.stderr)
+    sys.exit(2)
+  sharding.maybe_initialize_distributed()
+  exit_on_config_error(config_validation.validate, config, kind=kind)
+  configure_logging()
+  eval_only = flags["eval_only"].lower() in ("1", "true", "yes")
+  result = run_training(functools.partial(train, eval_only=eval_only), config, flags["workdir"],
+                        user_errors=USER_ERRORS)
+  print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                 for k, v in result.items()))
+  return result

@@ -9,32 +9,16 @@ A restart with the same --workdir resumes exactly (state, best top-1 and data it
 SIGTERM after a checkpoint).
 """
 
-import functools
 import sys
 
 from cim_jax import cli
-from cim_jax import config_validation
-from cim_jax import sharding
 from cim_jax.train import finetuning
 
 
 def main(argv: list[str] | None = None) -> dict:
-  argv = sys.argv[1:] if argv is None else argv
-  config, flags = cli.parse_or_exit(
-      argv, default_config="configs/cim_finetune.py:B/16",
-      flags={"workdir": "", "eval_only": "false"}, validate=False, prog="cim_jax.finetune")
-  if not flags["workdir"]:
-    print("error: --workdir=DIR is required (checkpoints and metrics go there)", file=sys.stderr)
-    sys.exit(2)
-  sharding.maybe_initialize_distributed()
-  cli.exit_on_config_error(config_validation.validate, config, kind="finetuning")
-  cli.configure_logging()
-  eval_only = flags["eval_only"].lower() in ("1", "true", "yes")
-  result = cli.run_training(functools.partial(finetuning.finetune, eval_only=eval_only), config,
-                            flags["workdir"], user_errors=cli.USER_ERRORS)
-  print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
-                 for k, v in result.items()))
-  return result
+  return cli.trainer_main(sys.argv[1:] if argv is None else argv, finetuning.finetune,
+                          default_config="configs/cim_finetune.py:B/16", kind="finetuning",
+                          prog="cim_jax.finetune")
 
 
 if __name__ == "__main__":
