@@ -99,7 +99,8 @@ def test_resume_is_exact(tmp_path, monkeypatch):
   assert logged(tmp_path / "a")[-1] == logged(tmp_path / "b")[-1]
 
 
-@pytest.mark.parametrize("kind", ["workdir", "timm", "authors"])
+@pytest.mark.parametrize("kind", [pytest.param("workdir", marks=pytest.mark.slow),  # ~40 s
+                                  "timm", "authors"])
 def test_init_from_fills_the_backbone(tmp_path, kind):
   """A pre-training work dir, an authors' checkpoint or a timm ViT state dict (with a classifier,
   which is ignored) starts the backbone; with lr 0 the saved backbone is that encoder."""
@@ -155,6 +156,7 @@ def test_command_errors_are_one_line(tmp_path):
     assert len(lines) == 1 and message in lines[0], (args, done.stderr[-2000:])
 
 
+@pytest.mark.slow  # two runs of the command, ~70 s on 2 cores
 def test_data_parallel_and_fsdp_runs_train_like_one_device(tmp_path):
   """`python -m cim_jax.segment` on 4 CPU devices (data 2 x fsdp 2) logs the losses of a
   1-device run: BatchNorm statistics span the whole global batch, not each device's rows."""
