@@ -9,10 +9,11 @@ runs the same model (ours copied into tests/torch_upernet.py's restatement) with
 train with dropout and drop path on, one optimizer step per batch on the decode + 0.4 x
 auxiliary cross-entropy. Rounds alternate ours / PyTorch so that load from other processes on a
 shared machine hits both; compare the ratio within one run. --threads pins the process to that
-many cores (XLA sizes its thread pool by them) and sets torch.set_num_threads. --onednn (default on the CPU) adds --xla_cpu_experimental_onednn_custom_call=true to XLA_FLAGS:
-XLA:CPU then runs the matmuls of the CPU conv forms (conv_impl 'auto': Winograd or matmul, see
-models/upernet.py) through oneDNN, as PyTorch does. The trainer does not set it; export the same
-XLA_FLAGS to train that way on a CPU. --no-onednn times the default.
+many cores (XLA sizes its thread pool by them) and sets torch.set_num_threads. By default XLA runs
+as the trainer runs it (no XLA_FLAGS of ours). --onednn adds
+--xla_cpu_experimental_onednn_custom_call=true to XLA_FLAGS: XLA:CPU then runs the matmuls of
+the CPU conv forms (conv_impl 'auto': Winograd or matmul, see models/upernet.py) through oneDNN,
+as PyTorch does; export the same XLA_FLAGS to train that way on a CPU.
 """
 
 import argparse
@@ -47,7 +48,7 @@ def parse_args(argv=None):
   parser.add_argument("--rounds", type=int, default=2, help="alternating ours / PyTorch rounds")
   parser.add_argument("--threads", type=int, default=2, help="CPU cores for both sides")
   parser.add_argument("--conv_impl", default="auto", help="segmentation.conv_impl of our model")
-  parser.add_argument("--onednn", action=argparse.BooleanOptionalAction, default=True,
+  parser.add_argument("--onednn", action=argparse.BooleanOptionalAction, default=False,
                       help="XLA:CPU matmuls through oneDNN (no effect on other backends)")
   parser.add_argument("--no_torch", action="store_true", help="time ours only")
   return parser.parse_args(argv)

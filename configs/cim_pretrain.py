@@ -68,8 +68,9 @@ def get_config(arg="B/16"):
   c.model.drop_path_rate = 0.0
   c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32
   c.model.remat = preset["remat"]  # activation rematerialisation of the encoder blocks
-  # jax.nn.dot_product_attention: "" (JAX's choice, XLA), "xla", or "cudnn" (fused kernel on
-  # NVIDIA GPUs, bfloat16 / float16 compute only).
+  # Attention: "" (jax.nn.dot_product_attention's choice, XLA; on a CPU, sequences of >= 256
+  # tokens one head at a time, vit.head_by_head_attention), "xla" (always XLA's batched form), or
+  # "cudnn" (fused kernel on NVIDIA GPUs, bfloat16 / float16 compute only).
   c.model.attention_impl = ""
   # GELU of every MLP: False = the exact erf form (timm, the authors); True = the tanh form
   # (not the recipe, see vit.Mlp and docs/BENCHMARKS.md).

@@ -1,4 +1,4 @@
-"""The benchmark helpers' own arithmetic: FLOP counts and the profile summary."""
+"""The benchmark helpers' own arithmetic (FLOP counts, the profile summary); the benches run."""
 
 import os
 import sys
@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "bench"))
+import bench_attention  # pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 import profile_summary  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -139,3 +140,15 @@ def test_gpu_aot_reads_kernels_bytes_and_gemm_flops():
   assert gpu_aot.estimate_seconds(fusion, gpu, 0.5, 1e9, 0.0) == pytest.approx(fusion.bytes / 1e9)
   with pytest.raises(ValueError, match="ENTRY"):
     gpu_aot.kernels("HloModule empty\n")
+
+
+def test_bench_attention_times_both_forms_and_compares_their_gradients(capsys):
+  # --threads above the core count: no pinning of the test process.
+  bench_attention.main(["--shapes=2x20x2x8,1x7x1x4", "--rounds=1", "--no_torch", "--threads=512"])
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("2x", "1x"))]
+  assert [row.split(":")[0] for row in rows] == ["2x20x2x8", "1x7x1x4"]
+  for row in rows:
+    fields = row.split()
+    assert fields[1] == "xla" and fields[3] == "head_by_head"
+    assert float(fields[2]) >= 0 and float(fields[4]) >= 0  # (tiny shapes print as 0.000 s)
+    assert float(fields[-1]) < 1e-5  # the gradient difference of ours against XLA's

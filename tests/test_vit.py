@@ -1,5 +1,9 @@
 """The ViT encoder (cim_jax.models.vit): variants, position tables, parity with timm, kernels."""
 
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -188,6 +192,81 @@ def test_even_length_attention_equals_unpadded_with_gradients(queries, keys):
                        jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)):
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("queries,keys,dtype,tol", [
+    (300, 300, jnp.float32, 1e-5), (257, 40, jnp.float32, 1e-5), (33, 290, jnp.float32, 1e-5),
+    (64, 64, jnp.bfloat16, 3e-2)])
+def test_head_by_head_attention_equals_xla_with_gradients(queries, keys, dtype, tol):
+  rng = np.random.default_rng(queries + keys)
+  # Scores of a few units, so that the softmax is far from uniform and a wrong scale shows.
+  q, k, v = (jnp.asarray(2 * rng.normal(size=(2, n, 3, 16)), dtype)
+             for n in (queries, keys, keys))
+  cotangent = jnp.asarray(rng.normal(size=(2, queries, 3, 16)), dtype)
+  loss = lambda attention: lambda q, k, v: (attention(q, k, v).astype(jnp.float32)
+                                            * cotangent).sum()
+  plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  out = jax.jit(vit.head_by_head_attention)(q, k, v)
+  assert out.shape == (2, queries, 3, 16) and out.dtype == dtype
+  scale = lambda x: float(jnp.abs(x.astype(jnp.float32)).max())
+  want_out = plain(q, k, v)
+  assert np.abs(np.asarray(out - want_out, np.float32)).max() <= tol * scale(want_out)
+  got = jax.jit(jax.grad(loss(vit.head_by_head_attention), argnums=(0, 1, 2)))(q, k, v)
+  for mine, want in zip(got, jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)):
+    assert mine.shape == want.shape and mine.dtype == dtype
+    assert np.abs(np.asarray(mine - want, np.float32)).max() <= tol * scale(want)
+
+
+def test_long_sequences_on_cpu_take_the_head_by_head_form(monkeypatch):
+  calls = []
+  original = vit.head_by_head_attention
+  monkeypatch.setattr(vit, "head_by_head_attention",
+                      lambda *args: calls.append(args[0].shape) or original(*args))
+  x = jnp.ones((1, 255, 2, 8))
+  vit.multi_head_attention(x, x, x)
+  assert calls == []  # under 256 x 256 pairs: XLA's batched form
+  long = jnp.ones((1, 256, 2, 8))
+  vit.multi_head_attention(long, long, long)
+  assert calls == [(1, 256, 2, 8)]
+  vit.multi_head_attention(long, long, long, "xla")  # an explicit choice is kept
+  vit.multi_head_attention(long, long, long, None, num_keys=200)  # masked keys: XLA's form
+  assert len(calls) == 1
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  vit.multi_head_attention(long, long, long)
+  assert len(calls) == 1
+
+
+SHARDED_ATTENTION_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from cim_jax.models import vit
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+rng = np.random.default_rng(0)
+q, k, v, g = (rng.normal(size=(4, 260, 3, 8)).astype(np.float32) for _ in range(4))
+batch = NamedSharding(mesh, P("data"))
+q, k, v, g = (jax.device_put(x, batch) for x in (q, k, v, g))
+loss = lambda f: lambda q, k, v: (f(q, k, v) * g).sum()
+step = jax.jit(jax.value_and_grad(loss(vit.multi_head_attention), argnums=(0, 1, 2)))
+text = step.lower(q, k, v).compile().as_text()
+# The loop runs over heads: each device keeps its half of the batch, nothing is gathered.
+assert "all-gather" not in text and "all-to-all" not in text and "while" in text
+got = step(q, k, v)
+plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
+want = jax.value_and_grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
+for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+assert got[1][0].sharding.spec == P("data")
+print("OK")
+"""
+
+
+def test_head_by_head_attention_keeps_a_sharded_batch_on_its_devices():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", SHARDED_ATTENTION_SCRIPT], env=env,
+                       capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
 
 
 def test_gelu_form_is_exact_by_default_and_tanh_on_request():

@@ -31,9 +31,12 @@ IGNORE_INDEX = 255
 # (below), 4/9 of the direct conv's matmul FLOPs; on XLA:CPU (2 cores, oneDNN, batch 2,
 # forward + backward) 2048->512 at 128x128 took 11.9 s vs 'matmul' 15.5 s, 512->512 at 128, 64,
 # 32 took 3.3 / 0.58 / 0.15 s vs 'split_grad' 4.5 / 0.98 / 0.24 s; 2816->512 at 16x16 and
-# 768->256 at 32x32 tied with 'matmul'. 'auto': on the CPU 'winograd' where out >= in or the
-# map has >= 64x64 pixels, else 'matmul'; 'xla' on other backends.
-CONV_IMPLS = ("auto", "xla", "split_grad", "matmul", "shifted", "winograd")
+# 768->256 at 32x32 tied with 'matmul'. 'winograd4': F(4x4, 3x3), 1/4 of the direct FLOPs;
+# without oneDNN (the trainer's default), batch 2, forward + backward: 2048->512 at 128x128
+# 3.8-3.9 s vs 'winograd' 4.7-5.1 s, 512->512 at 128 / 64 1.11 / 0.22 s vs 1.29-1.31 / 0.30 s, tied
+# at 32. 'auto': on the CPU 'winograd4' on maps of >= 64x64 pixels, else 'winograd' where out >=
+# in, else 'matmul'; 'xla' on other backends.
+CONV_IMPLS = ("auto", "xla", "split_grad", "matmul", "shifted", "winograd", "winograd4")
 
 # mmcv's ConvModule init: kaiming normal, fan_out, ReLU gain; conv_seg: normal(0.01), zero bias.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -187,54 +190,67 @@ def _matmul_conv(x, kernel):
 _matmul_conv.defvjp(_matmul_conv_forward, _matmul_conv_backward)
 
 
-# Winograd F(2x2, 3x3) (Lavin & Gray 2015, "Fast Algorithms for Convolutional Neural Networks",
-# eq. 7): Y = A^T [(G g G^T) * (B^T d B)] A for a 4x4 input tile d, a 3x3 kernel g and a 2x2
-# output tile Y; 16 products per 4 outputs instead of 36, so the matmuls cost 4/9 of the direct
-# conv's. Applying B^T and A^T as the sums of strided slices they are (below) keeps them cheap.
+# Winograd F(m x m, 3x3) (Lavin & Gray 2015, "Fast Algorithms for Convolutional Neural Networks",
+# eq. 7-10): Y = A^T [(G g G^T) * (B^T d B)] A for an (m + 2)^2 input tile d, a 3x3 kernel g and
+# an m x m output tile Y. F(2x2): 16 products per 4 outputs instead of 36 (4/9 of the direct
+# conv's matmul work); F(4x4): 36 per 16 instead of 144 (1/4), at a larger float32 rounding error
+# (about 2e-5 of the output's scale against 1e-6; the interpolation points 0, +-1, +-2). B^T, G and
+# A^T are applied as sums of slices scaled by their entries (below), which keeps them cheap.
+WINOGRAD = {
+    2: dict(input=((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+            kernel=((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
+            output=((1, 1, 1, 0), (0, 1, -1, -1))),
+    4: dict(input=((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+                   (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+            kernel=((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+                    (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+            output=((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0),
+                    (0, 1, -1, 8, -8, 1))),
+}
 
 
-def _winograd_kernel_rows(g, axis: int):
-  """G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]] along `axis` (length 3)."""
-  g0, g1, g2 = (jax.lax.index_in_dim(g, k, axis, keepdims=False) for k in range(3))
-  return g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2
+def _combine(parts, row):
+  """sum_k row[k] * parts[k], skipping zero entries and multiplying only where |entry| != 1."""
+  terms = [p if c == 1 else -p if c == -1 else c * p for c, p in zip(row, parts) if c]
+  return sum(terms[1:], terms[0])
 
 
-def _winograd_input_rows(d, axis: int, tiles: int):
-  """B^T applied along `axis` to every 4-long window at stride 2: 4 arrays of `tiles` each.
-
-  B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]] (Lavin & Gray).
-  """
-  take = lambda k: jax.lax.slice_in_dim(d, k, k + 2 * tiles - 1, 2, axis)
-  d0, d1, d2, d3 = (take(k) for k in range(4))
-  return d0 - d2, d1 + d2, d2 - d1, d1 - d3
-
-
-def _winograd_output_rows(m, axis: int):
-  """A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] along `axis` (length 4): the 2 outputs, on `axis`."""
-  m0, m1, m2, m3 = (jax.lax.index_in_dim(m, k, axis, keepdims=False) for k in range(4))
-  return jnp.stack([m0 + m1 + m2, m1 - m2 - m3], axis)
-
-
-def _winograd_conv(x, kernel):
-  """Stride-1 'same' 3x3 conv as Winograd F(2x2, 3x3); plain jnp, so autodiff's backward stays
-  in the Winograd domain too (the transforms are linear, the matmuls' transposes matmuls)."""
+def _winograd_conv(x, kernel, tile: int = 2):
+  """Stride-1 'same' 3x3 conv as Winograd F(tile x tile, 3x3); plain jnp, so autodiff's backward
+  stays in the Winograd domain too (the transforms are linear, the matmuls' transposes matmuls)."""
+  transforms = WINOGRAD[tile]
+  span = tile + 2  # input tile side
   batch, height, width, channels = x.shape
   features = kernel.shape[3]
-  tiles_h, tiles_w = -(-height // 2), -(-width // 2)
-  # 'same' padding 1, then up to 2 * tiles + 2 so that every 4x4 tile at stride 2 is in range.
-  padded = jnp.pad(x, ((0, 0), (1, 2 * tiles_h + 1 - height), (1, 2 * tiles_w + 1 - width),
-                       (0, 0)))
-  # V = B^T d B: rows then columns; 16 arrays (B, tiles_h, tiles_w, C), index 4 * row + column.
-  v = [c for r in _winograd_input_rows(padded, 1, tiles_h)
-       for c in _winograd_input_rows(r, 2, tiles_w)]
-  v = jnp.stack(v).reshape(16, batch * tiles_h * tiles_w, channels)
+  tiles_h, tiles_w = -(-height // tile), -(-width // tile)
+  # 'same' padding 1, then up to tile * tiles + 2 so that every input tile is in range.
+  padded = jnp.pad(x, ((0, 0), (1, tile * tiles_h + 1 - height),
+                       (1, tile * tiles_w + 1 - width), (0, 0)))
+
+  def input_rows(d, axis, tiles):
+    # B^T along `axis` on every span-long window at stride `tile`: span arrays of `tiles` each.
+    parts = [jax.lax.slice_in_dim(d, k, k + tile * (tiles - 1) + 1, tile, axis)
+             for k in range(span)]
+    return [_combine(parts, row) for row in transforms["input"]]
+
+  def kernel_rows(g, axis):
+    parts = [jax.lax.index_in_dim(g, k, axis, keepdims=False) for k in range(3)]
+    return [_combine(parts, row) for row in transforms["kernel"]]
+
+  def output_rows(m, axis):
+    parts = [jax.lax.index_in_dim(m, k, axis, keepdims=False) for k in range(span)]
+    return jnp.stack([_combine(parts, row) for row in transforms["output"]], axis)
+
+  # V = B^T d B: rows then columns; span^2 arrays (B, tiles_h, tiles_w, C), index span*row + col.
+  v = [c for r in input_rows(padded, 1, tiles_h) for c in input_rows(r, 2, tiles_w)]
+  v = jnp.stack(v).reshape(span * span, batch * tiles_h * tiles_w, channels)
   # U = G g G^T: rows then columns, as sums (an einsum with G made 2816->512 at 16x16 1.7x slower).
-  u = _winograd_kernel_rows(jnp.stack(_winograd_kernel_rows(kernel, 0)), 1)
-  u = jnp.stack(u, 1).reshape(16, channels, features)
-  m = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))  # (16, tiles, O)
-  m = m.reshape(4, 4, batch, tiles_h, tiles_w, features)
-  y = _winograd_output_rows(_winograd_output_rows(m, 0), 1)  # (2, 2, B, th, tw, O)
-  y = y.transpose(2, 3, 0, 4, 1, 5).reshape(batch, 2 * tiles_h, 2 * tiles_w, features)
+  u = jnp.stack(kernel_rows(jnp.stack(kernel_rows(kernel, 0)), 1), 1)
+  u = u.reshape(span * span, channels, features)
+  m = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))  # (span^2, tiles, O)
+  m = m.reshape(span, span, batch, tiles_h, tiles_w, features)
+  y = output_rows(output_rows(m, 0), 1)  # (tile, tile, B, th, tw, O)
+  y = y.transpose(2, 3, 0, 4, 1, 5).reshape(batch, tile * tiles_h, tile * tiles_w, features)
   return y[:, :height, :width]
 
 
@@ -250,7 +266,9 @@ def auto_conv_impl(in_channels: int, out_channels: int, backend: str, pixels: in
   CONV_IMPLS)."""
   if backend != "cpu":
     return "xla"
-  return "winograd" if out_channels >= in_channels or pixels >= 64 * 64 else "matmul"
+  if pixels >= 64 * 64:
+    return "winograd4"
+  return "winograd" if out_channels >= in_channels else "matmul"
 
 
 def conv2d_same(x, kernel, impl: str = "xla"):
@@ -267,9 +285,11 @@ def conv2d_same(x, kernel, impl: str = "xla"):
     return _split_grad_conv(x, kernel)
   if impl == "matmul":
     return _matmul_conv(x, kernel)
-  if impl == "winograd":
-    # F(2x2, 3x3) is for 3x3 kernels only; other sizes take the CPU's other fast form.
-    return _winograd_conv(x, kernel) if kernel.shape[0] == 3 else _split_grad_conv(x, kernel)
+  if impl in ("winograd", "winograd4"):
+    # Winograd's F(m x m, 3x3) is for 3x3 kernels only; other sizes take another CPU form.
+    if kernel.shape[0] != 3:
+      return _split_grad_conv(x, kernel)
+    return _winograd_conv(x, kernel, tile=4 if impl == "winograd4" else 2)
   taps = [jnp.dot(view, tap) for view, tap in zip(_shifted_views(x, kernel.shape[0]),
                                                   kernel.reshape(-1, *kernel.shape[2:]))]
   return sum(taps[1:], taps[0])
