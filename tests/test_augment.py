@@ -124,6 +124,7 @@ def test_exemplar_photometric_ops_over_their_whole_ranges(height, width):
     assert out.shape == image.shape and out.dtype == np.uint8, (op.__name__, arg)
 
 
+@pytest.mark.slow  # a fine-tuning run with grain workers: ~22 s warm, more cold
 def test_a_crash_inside_the_finetuning_pipeline_is_internal_not_a_config_error(
     monkeypatch, capsys, tmp_path):
   """An op failing inside the grain pipeline: `internal error: <type>: <message> (raised at

@@ -69,6 +69,7 @@ TINY_CONFIG = ["--config=configs/cim_pretrain.py:Ti/16", "--config.batch_size=2"
                "--config.model.decoder_heads=4"]
 
 
+@pytest.mark.slow  # compiles two CIM steps and starts grain workers: ~20 s
 def test_bench_step_times_any_config_with_and_without_the_pipeline(capsys):
   bench_step.main(TINY_CONFIG + ["--no_torch", "--steps=1", "--rounds=1", "--pipeline"])
   out = capsys.readouterr().out

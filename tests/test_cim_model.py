@@ -216,6 +216,7 @@ def test_bad_batch_raises(small):
     cim.build_model(config.model, config.data)
 
 
+@pytest.mark.slow  # compiles the CIM loss and gradients twice: ~32 s
 def test_cudnn_path_gives_the_kernel_even_lengths_and_changes_nothing(monkeypatch):
   """model.attention_impl=cudnn pads CIM's odd sequences (here 17 context, 5 exemplar tokens)
   before the attention projections, so the kernel only sees even lengths (cuDNN has no backward

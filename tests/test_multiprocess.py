@@ -102,6 +102,7 @@ def test_two_processes_killed_then_restarted_continue_bit_exactly(tmp_path):
       assert got[step][key] == ref[step][key], (step, key, got[step][key], ref[step][key])
 
 
+@pytest.mark.slow  # two processes, two runs each: ~28 s
 def test_a_checkpoint_one_process_cannot_read_is_skipped_by_both(tmp_path):
   """Process 1's data-iterator state in the latest checkpoint is garbled: both processes agree
   to fall back to the step before (one falling back alone would leave them out of step)."""
@@ -130,6 +131,7 @@ def test_a_checkpoint_one_process_cannot_read_is_skipped_by_both(tmp_path):
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "corrupt_6"))
 
 
+@pytest.mark.slow  # two processes started and stopped: ~22 s
 def test_an_incompatible_config_stops_both_processes_in_one_line(tmp_path):
   """A changed accumulation (another optimizer state) or process count: every process stops
   with the same one-line error (exit 2) before reading an array; the checkpoint is untouched."""

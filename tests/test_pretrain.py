@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +28,7 @@ def _pretrain(cwd, workdir, *overrides):
       cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # the demo command end to end, twice: ~72 s warm
 def test_demo_pretraining_writes_checkpoints_logs_pngs_and_report(tmp_path):
   # A relative --workdir, as in the README's default (orbax itself needs absolute paths).
   workdir = tmp_path / "run"

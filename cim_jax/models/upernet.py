@@ -5,6 +5,7 @@ eps 1e-5, momentum 0.1) + ReLU; every resize is bilinear with align_corners=Fals
 heads end in channel dropout (Dropout2d) and a 1x1 classifier with bias.
 """
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -33,8 +34,7 @@ IGNORE_INDEX = 255
 # 32 took 3.3 / 0.58 / 0.15 s vs 'split_grad' 4.5 / 0.98 / 0.24 s; 2816->512 at 16x16 and
 # 768->256 at 32x32 tied with 'matmul'. 'winograd4': F(4x4, 3x3), 1/4 of the direct FLOPs;
 # without oneDNN (the trainer's default), batch 2, forward + backward: 2048->512 at 128x128
-# 3.8-3.9 s vs 'winograd' 4.7-5.1 s, 512->512 at 128 / 64 1.11 / 0.22 s vs 1.29-1.31 / 0.30 s, tied
-# at 32. 'auto': on the CPU 'winograd4' on maps of >= 64x64 pixels, else 'winograd' where out >=
+# 3.3 s vs 'winograd' 4.7 s, 512->512 at 128 / 64 0.95 / 0.20 s vs 1.19 / 0.29 s, tied at 32. 'auto': on the CPU 'winograd4' on maps of >= 64x64 pixels, else 'winograd' where out >=
 # in, else 'matmul'; 'xla' on other backends.
 CONV_IMPLS = ("auto", "xla", "split_grad", "matmul", "shifted", "winograd", "winograd4")
 
@@ -215,9 +215,64 @@ def _combine(parts, row):
   return sum(terms[1:], terms[0])
 
 
+def _winograd_input_rows(d, axis: int, tiles: int, tile: int):
+  """B^T along `axis` on every (tile + 2)-long window at stride `tile`: tile + 2 arrays of
+  `tiles` each."""
+  parts = [jax.lax.slice_in_dim(d, k, k + tile * (tiles - 1) + 1, tile, axis)
+           for k in range(tile + 2)]
+  return [_combine(parts, row) for row in WINOGRAD[tile]["input"]]
+
+
+def _overlap_add(parts, axis: int, tile: int):
+  """The transpose of windowing: parts[k] holds element k of each (tile + 2)-long window at stride
+  `tile` along `axis`; returns their sum at the positions they came from (length tile * tiles + 2).
+  Dense reshapes and two shifted adds, where autodiff's transpose of the strided slices pads and
+  sums tile + 2 full-size arrays per axis (measured: the slowest fusions of the step's backward)."""
+  tiles = parts[0].shape[axis]
+  merged = lambda t: t.reshape(t.shape[:axis] + (tiles * tile,) + t.shape[axis + 2:])
+  widths = lambda before, after, ndim, at: [(before, after) if i == at else (0, 0)
+                                            for i in range(ndim)]
+  head = merged(jnp.stack(parts[:tile], axis + 1))  # window elements 0..tile-1: one tile each
+  # Elements tile, tile + 1 land on the next tile's first two positions.
+  tail = jnp.stack(parts[tile:], axis + 1)
+  tail = merged(jnp.pad(tail, widths(0, tile - 2, tail.ndim, axis + 1)))
+  return (jnp.pad(head, widths(0, 2, head.ndim, axis))
+          + jnp.pad(tail, widths(tile, 0, tail.ndim, axis))[
+              (slice(None),) * axis + (slice(0, tiles * tile + 2),)])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _winograd_input(padded, tile: int, tiles_h: int, tiles_w: int):
+  """V = B^T d B of every input tile: (tile + 2)^2 arrays (B, tiles_h, tiles_w, C) stacked, index
+  (tile + 2) * row + column; rows then columns."""
+  return jnp.stack([c for r in _winograd_input_rows(padded, 1, tiles_h, tile)
+                    for c in _winograd_input_rows(r, 2, tiles_w, tile)])
+
+
+def _winograd_input_forward(padded, tile, tiles_h, tiles_w):
+  return _winograd_input(padded, tile, tiles_h, tiles_w), None
+
+
+def _winograd_input_backward(tile, tiles_h, tiles_w, _, grad):
+  span = tile + 2
+  b_t = WINOGRAD[tile]["input"]
+  grad = grad.reshape(span, span, *grad.shape[1:])
+  # B applied to the gradient (the transpose of B^T), columns then rows, each followed by the
+  # overlap-add of the windows.
+  untransform = lambda parts: [_combine(parts, [b_t[j][k] for j in range(span)])
+                               for k in range(span)]
+  rows = [_overlap_add(untransform([grad[r, j] for j in range(span)]), 2, tile)
+          for r in range(span)]
+  return (_overlap_add(untransform(rows), 1, tile),)
+
+
+_winograd_input.defvjp(_winograd_input_forward, _winograd_input_backward)
+
+
 def _winograd_conv(x, kernel, tile: int = 2):
-  """Stride-1 'same' 3x3 conv as Winograd F(tile x tile, 3x3); plain jnp, so autodiff's backward
-  stays in the Winograd domain too (the transforms are linear, the matmuls' transposes matmuls)."""
+  """Stride-1 'same' 3x3 conv as Winograd F(tile x tile, 3x3) in jnp: autodiff's backward stays in
+  the Winograd domain too (the transforms are linear, the matmuls' transposes matmuls); the input
+  transform has its transpose written out (`_overlap_add`)."""
   transforms = WINOGRAD[tile]
   span = tile + 2  # input tile side
   batch, height, width, channels = x.shape
@@ -227,12 +282,6 @@ def _winograd_conv(x, kernel, tile: int = 2):
   padded = jnp.pad(x, ((0, 0), (1, tile * tiles_h + 1 - height),
                        (1, tile * tiles_w + 1 - width), (0, 0)))
 
-  def input_rows(d, axis, tiles):
-    # B^T along `axis` on every span-long window at stride `tile`: span arrays of `tiles` each.
-    parts = [jax.lax.slice_in_dim(d, k, k + tile * (tiles - 1) + 1, tile, axis)
-             for k in range(span)]
-    return [_combine(parts, row) for row in transforms["input"]]
-
   def kernel_rows(g, axis):
     parts = [jax.lax.index_in_dim(g, k, axis, keepdims=False) for k in range(3)]
     return [_combine(parts, row) for row in transforms["kernel"]]
@@ -241,9 +290,8 @@ def _winograd_conv(x, kernel, tile: int = 2):
     parts = [jax.lax.index_in_dim(m, k, axis, keepdims=False) for k in range(span)]
     return jnp.stack([_combine(parts, row) for row in transforms["output"]], axis)
 
-  # V = B^T d B: rows then columns; span^2 arrays (B, tiles_h, tiles_w, C), index span*row + col.
-  v = [c for r in input_rows(padded, 1, tiles_h) for c in input_rows(r, 2, tiles_w)]
-  v = jnp.stack(v).reshape(span * span, batch * tiles_h * tiles_w, channels)
+  v = _winograd_input(padded, tile, tiles_h, tiles_w)
+  v = v.reshape(span * span, batch * tiles_h * tiles_w, channels)
   # U = G g G^T: rows then columns, as sums (an einsum with G made 2816->512 at 16x16 1.7x slower).
   u = jnp.stack(kernel_rows(jnp.stack(kernel_rows(kernel, 0)), 1), 1)
   u = u.reshape(span * span, channels, features)
