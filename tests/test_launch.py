@@ -139,6 +139,7 @@ MU_SLICE = ["--name=mu", "--zone=us-west4-a", "--accelerator-type=v5litepod-4",
             "--config.data.num_exemplars=2", "--dry-run"]
 
 
+@pytest.mark.slow  # compiles the step for a TPU slice: ~17 s warm
 def test_tpu_dry_run_compiles_the_step_for_the_slice_first():
   pytest.importorskip("libtpu", reason="the pre-flight compiles with libtpu (jax[tpu])")
   result = run_script("launch/tpu_pod.sh", *MU_SLICE, env={"PYTHON": sys.executable},

@@ -60,6 +60,7 @@ def check_consistent(report: dict) -> None:
   assert report["optimizer"] == pytest.approx(2 * report["params"], rel=1e-3)
 
 
+@pytest.mark.slow  # estimates several presets' steps: ~20 s warm
 def test_batch_fsdp_and_presets_move_the_right_parts():
   tiny = ["--config=configs/cim_pretrain.py:Ti/16", MU]
   b8, b16, large = measure_many([

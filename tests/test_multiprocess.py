@@ -59,6 +59,7 @@ def test_two_processes_agree_on_loss_and_params(tmp_path):
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(data_dir))
 
 
+@pytest.mark.slow  # two processes, training and evaluation: ~25 s warm
 def test_two_processes_with_parameters_sharded_across_them_train_and_evaluate(tmp_path):
   """fsdp over both processes: training agrees, and the end-of-run report (pretext IoU, kNN),
   which needs whole parameters, gathers them on every process and agrees too."""
