@@ -34,8 +34,9 @@ IGNORE_INDEX = 255
 # 32 took 3.3 / 0.58 / 0.15 s vs 'split_grad' 4.5 / 0.98 / 0.24 s; 2816->512 at 16x16 and
 # 768->256 at 32x32 tied with 'matmul'. 'winograd4': F(4x4, 3x3), 1/4 of the direct FLOPs;
 # without oneDNN (the trainer's default), batch 2, forward + backward: 2048->512 at 128x128
-# 3.3 s vs 'winograd' 4.7 s, 512->512 at 128 / 64 0.95 / 0.20 s vs 1.19 / 0.29 s, tied at 32. 'auto': on the CPU 'winograd4' on maps of >= 64x64 pixels, else 'winograd' where out >=
-# in, else 'matmul'; 'xla' on other backends.
+# 3.3 s vs 'winograd' 4.7 s, 512->512 at 128 / 64 0.95 / 0.20 s vs 1.19 / 0.29 s, tied at 32.
+# 'auto': on the CPU 'winograd4' on maps of >= 64x64 pixels, else 'winograd' where out >= in,
+# else 'matmul'; 'xla' on other backends.
 CONV_IMPLS = ("auto", "xla", "split_grad", "matmul", "shifted", "winograd", "winograd4")
 
 # mmcv's ConvModule init: kaiming normal, fan_out, ReLU gain; conv_seg: normal(0.01), zero bias.
